@@ -1,0 +1,43 @@
+# make train / make test create or refresh .venv first (when pyproject.toml is newer), then run.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test test-fast lint format tensorboard sweep bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create or refresh .venv with the pinned stack and dev tools
+
+train: $(STAMP) ## train (offline default: synthetic shapes on efficientnet_lite0); ARGS="experiment=lite0_fe data.root=..."
+	$(PY) -m src.train $(ARGS)
+
+test: $(STAMP) ## the whole suite, slow tests included (what CI runs)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP) ## skip the slow tests
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+tensorboard: $(STAMP) ## open TensorBoard over every run and sweep
+	$(VENV)/bin/tensorboard --logdir logs
+
+sweep: $(STAMP) ## the README's lr x dropout sweep; ARGS adds overrides (e.g. data.root=...)
+	$(PY) -m src.train -m experiment=lite0_fe model.optimizer.lr=0.001,0.01 model.head.dropout=0.2,0.4 $(ARGS)
+
+clean: ## remove run outputs, caches and generated data (not .venv)
+	rm -rf logs/train .cache data/synthetic_shapes .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './.venv/*' -exec rm -rf {} +

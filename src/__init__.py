@@ -1,0 +1,1 @@
+"""Image transfer learning with PyTorch Lightning and Hydra."""

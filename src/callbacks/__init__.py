@@ -1,0 +1,1 @@
+"""Trainer callbacks: backbone freezing, epoch history and summaries."""

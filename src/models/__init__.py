@@ -1,0 +1,1 @@
+"""Backbones and their weights, the classification head, and the LightningModule."""

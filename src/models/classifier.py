@@ -1,0 +1,146 @@
+"""The LightningModule: a pretrained backbone, a new head, NLL loss and epoch metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.models.backbones import build_backbone
+from src.models.head import build_head
+from src.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class TransferClassifier(LightningModule):
+    """Backbone features → head → log-probabilities.
+
+    Freezing is done by a BaseFinetuning callback (src.callbacks.finetuning); this module only honours it:
+    a backbone with no trainable parameter runs in eval mode under ``torch.inference_mode``, and any
+    BatchNorm layer whose parameters are frozen stays in eval mode when Lightning calls ``train()``, so its
+    running statistics never move.
+
+    All constructor arguments are plain values (str, float, list, dict), so checkpoints load with
+    ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        class_names: list[str],
+        backbone: dict[str, Any],
+        head: dict[str, Any],
+        optimizer: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        built = build_backbone(**backbone)
+        self.backbone = built.module
+        self.head = build_head(built.feature_dim, len(class_names), **head)
+        self.criterion = nn.NLLLoss()
+        self.mean, self.std = built.mean, built.std
+        self.weights_sha256 = built.weights_sha256
+        check_optimizer(optimizer)
+        n = len(class_names)
+        # sample-weighted epoch means (torchmetrics accumulates detached numbers, never graphs)
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def backbone_is_frozen(self) -> bool:
+        """True when no backbone parameter trains (feature extraction)."""
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features; without autograd when the backbone is frozen."""
+        if self.backbone_is_frozen():
+            with torch.inference_mode():
+                feats = self.backbone(x)
+            return feats.clone()  # a normal tensor the head's autograd may use
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities, N × num_classes."""
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        """Set train/eval mode; frozen parts stay in eval mode even when asked to train."""
+        super().train(mode)
+        if mode:
+            self.keep_frozen_parts_in_eval()
+        return self
+
+    def keep_frozen_parts_in_eval(self) -> None:
+        """Eval mode for a fully frozen backbone, and for every BatchNorm whose parameters are frozen."""
+        if self.backbone_is_frozen():
+            self.backbone.eval()
+            return
+        for module in self.backbone.modules():
+            if isinstance(module, _BatchNorm) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)
+            ):
+                module.eval()
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning (>= 2.2) does not call train() at fit start and restores per-module modes after
+        # validation, so a freshly built (all-train) module must be corrected here, every epoch
+        self.keep_frozen_parts_in_eval()
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        log_probs = self(x)
+        loss = self.criterion(log_probs, y)
+        loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss_metric.update(loss.detach(), weight=y.numel())
+        acc_metric.update(log_probs.detach(), y)
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    # --------------------------------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The configured torch.optim optimizer over the trainable parameters only."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        options = dict(self.hparams.optimizer)
+        cls = getattr(torch.optim, options.pop("name"))
+        return cls(params, **options)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and frozen parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable_params": trainable, "frozen_params": frozen}
+
+
+def check_optimizer(optimizer: dict[str, Any]) -> None:
+    """Fail early, with the fix, on an unknown optimizer or a non-positive learning rate."""
+    name = optimizer.get("name")
+    cls = getattr(torch.optim, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(
+            f"model.optimizer.name={name!r} is not a torch.optim optimizer (SGD, Adam, AdamW, ...)."
+        )
+    lr = optimizer.get("lr")
+    if not isinstance(lr, int | float) or lr <= 0:
+        raise ConfigError(f"model.optimizer.lr must be a positive number, got {lr!r}.")

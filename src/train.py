@@ -1,0 +1,119 @@
+"""Train a classifier: ``python -m src.train [experiment=...] [data.root=...] [key=value ...]``.
+
+A thin Hydra main: compose the config, instantiate datamodule, model, callbacks, logger and trainer,
+fit, and write summary.json into the run's output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from src.models.backbones import normalization
+from src.utils.config import save_config
+from src.utils.errors import UserError
+from src.utils.io import write_json
+
+log = logging.getLogger("src.train")
+
+
+def route_lightning_logs() -> None:
+    """Send Lightning's own messages through the root logger, so they reach the run's log file too."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the configured model on the configured data; return the run summary (also in summary.json)."""
+    route_lightning_logs()
+    output_dir = Path(cfg.paths.output_dir)
+    log.info("Config\n%s", save_config(cfg, output_dir))
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    start = time.perf_counter()  # wall_s: from data setup to the end of the last epoch
+    mean, std = normalization(cfg.model.backbone.name)
+    datamodule = instantiate(
+        cfg.data,
+        mean=cfg.data.get("mean") or list(mean),
+        std=cfg.data.get("std") or list(std),
+        _convert_="all",
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, class_names=datamodule.classes, _convert_="all")
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    wall_s = time.perf_counter() - start
+
+    summary = run_summary(trainer, model, datamodule.classes, wall_s)
+    write_json(output_dir / "summary.json", summary)
+    log.info(
+        "Best val loss %.4f (val acc %.4f, epoch %s) in %.1f s; outputs in %s",
+        summary["best_val_loss"],
+        summary["best_val_acc"],
+        summary["best_epoch"],
+        wall_s,
+        output_dir,
+    )
+    return summary
+
+
+def run_summary(
+    trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float
+) -> dict[str, Any]:
+    """What a user wants to know after a run, as plain JSON values."""
+    from src.callbacks.epoch_summary import EpochSummary
+
+    history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), [])
+    scored = [h for h in history if "val/loss" in h]
+    best = min(scored, key=lambda h: h["val/loss"]) if scored else {}
+    ckpt = trainer.checkpoint_callback
+    return {
+        "status": "ok",
+        "best_checkpoint": getattr(ckpt, "best_model_path", "") or None,
+        "last_checkpoint": getattr(ckpt, "last_model_path", "") or None,
+        "best_val_loss": best.get("val/loss"),
+        "best_val_acc": best.get("val/acc"),
+        "best_epoch": best.get("epoch"),
+        "epochs": trainer.current_epoch,
+        "classes": list(classes),
+        "wall_s": round(wall_s, 3),
+        **model.parameter_counts(),
+        "backbone": model.hparams.backbone,
+        "backbone_weights_sha256": model.weights_sha256,
+        "history": history,
+    }
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the optimized metric for sweepers."""
+    try:
+        summary = train(cfg)
+    except UserError as err:
+        log.error("%s", err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records this job as failed and goes on with the others
+        sys.exit(1)
+    metric = cfg.get("optimized_metric")
+    return summary.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Helpers with no knowledge of the project's data or models."""

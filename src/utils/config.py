@@ -1,0 +1,33 @@
+"""Show and save the resolved run configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.utils.io import atomic_write
+
+
+def config_tree(cfg: DictConfig) -> str:
+    """The resolved config as a tree: one branch per top-level group, its YAML indented below it."""
+    lines = ["CONFIG"]
+    keys = list(cfg.keys())
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        value = cfg[key]
+        if isinstance(value, DictConfig):
+            lines.append(f"{'└' if last else '├'}── {key}")
+            body = OmegaConf.to_yaml(value, resolve=True).rstrip("\n").splitlines()
+            lines += [f"{' ' if last else '│'}     {line}" for line in body]
+        else:
+            lines.append(f"{'└' if last else '├'}── {key}: {value}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: DictConfig, output_dir: Path) -> str:
+    """Write config_tree.txt and the resolved config.yaml into ``output_dir``; return the tree."""
+    tree = config_tree(cfg)
+    atomic_write(output_dir / "config_tree.txt", lambda f: f.write(tree + "\n"))
+    atomic_write(output_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)))
+    return tree

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny ImageFolders built in tmp_path, the shared real data set, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
+
+
+def make_imagefolder(
+    root: Path, classes=("ants", "bees"), per_split=None, size=(64, 48), seed: int = 0
+) -> Path:
+    """Write a tiny ImageFolder: each class a distinct colour plus noise, PNG files."""
+    per_split = per_split or {"train": 6, "val": 4}
+    rng = np.random.default_rng(seed)
+    for split, count in per_split.items():
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.zeros(3)
+            base[k % 3] = 200
+            for i in range(count):
+                arr = np.clip(base + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(folder / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "tiny")
+
+
+@pytest.fixture
+def hymenoptera() -> Path:
+    if not (HYMENOPTERA / "train").is_dir():
+        pytest.skip(f"shared data set not present at {HYMENOPTERA}")
+    return HYMENOPTERA
+
+
+def run_cli(
+    *args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m src.train ARGS`` in a subprocess, as a user would; output captured."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "src.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

@@ -1,0 +1,195 @@
+"""End to end through the real command line, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import transforms as T
+
+from src.data.datamodule import ImageFolderDataModule
+from src.models.classifier import TransferClassifier
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    for path in glob.glob(str(run_dir / "tensorboard" / "**" / "events.out.tfevents*"), recursive=True):
+        acc = EventAccumulator(path).Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """The no-argument default (synthetic shapes, efficientnet_lite0), shortened to 2 epochs."""
+    tmp = tmp_path_factory.mktemp("default")
+    run_dir = tmp / "run"
+    proc = run_cli("trainer.max_epochs=2", f"paths.data_dir={tmp / 'data'}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_run_writes_checkpoints_summary_config_and_log(default_run):
+    ckpts = sorted(p.name for p in (default_run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(name.startswith("epoch_") for name in ckpts)
+    summary = json.loads((default_run / "summary.json").read_text())
+    for key in ("best_checkpoint", "best_val_loss", "best_val_acc", "epochs", "classes", "wall_s"):
+        assert summary[key] is not None, key
+    assert summary["epochs"] == 2 and summary["classes"] == ["circle", "cross", "triangle"]
+    assert Path(summary["best_checkpoint"]).is_file()
+    assert min(h["val/loss"] for h in summary["history"]) == summary["best_val_loss"]
+    assert summary["trainable_params"] == 1280 * 256 + 256 + 256 * 3 + 3
+    assert (default_run / "config_tree.txt").read_text().startswith("CONFIG")
+    assert "name: efficientnet_lite0" in (default_run / "config.yaml").read_text()
+    log_text = (default_run / "train.log").read_text()
+    assert "epoch 2/2 | train loss" in log_text and "| val loss" in log_text
+
+
+def test_tensorboard_events_hold_each_epochs_metrics(default_run):
+    tags = scalars(default_run)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert len(tags.get(tag, [])) == 2, (tag, tags.keys())
+    summary = json.loads((default_run / "summary.json").read_text())
+    assert min(tags["val/loss"]) == pytest.approx(summary["best_val_loss"], rel=1e-6)
+
+
+def test_best_checkpoint_reproduces_the_logged_val_loss(default_run):
+    summary = json.loads((default_run / "summary.json").read_text())
+    ckpt = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["class_names"] == summary["classes"]
+    model = TransferClassifier.load_from_checkpoint(
+        summary["best_checkpoint"], map_location="cpu", weights_only=True
+    )
+    model.eval()
+    recipe_eval = [T.Resize(256), T.CenterCrop(224)]
+    dm = ImageFolderDataModule(
+        Path(default_run).parent / "data" / "synthetic_shapes",
+        recipe_eval,
+        recipe_eval,
+        mean=model.mean,
+        std=model.std,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for x, y in dm.val_dataloader():
+            total += torch.nn.functional.nll_loss(model(x), y, reduction="sum").item()
+            n += len(y)
+    assert total / n == pytest.approx(summary["best_val_loss"], abs=1e-4)
+
+
+def test_tensorboard_server_lists_val_loss(default_run):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "tensorboard"),
+            "--logdir",
+            str(default_run),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        body, deadline = "", time.monotonic() + 90
+        while time.monotonic() < deadline and "val/loss" not in body:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5
+                ) as r:
+                    body = r.read().decode()
+            except OSError:
+                time.sleep(1)
+        tags = json.loads(body)
+        assert any("val/loss" in run_tags for run_tags in tags.values()), tags
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_missing_weights_stop_before_training_in_a_few_lines(tiny_data, tmp_path):
+    missing = tmp_path / "resnet50-weights.pth"
+    proc = run_cli(
+        "experiment=resnet50_fe",
+        f"data.root={tiny_data}",
+        f"model.backbone.weights={missing}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert str(missing) in out and "does not exist" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_class_mismatch_stops_the_cli_with_the_names(tmp_path):
+    from tests.conftest import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "d", classes=("ants", "bees"), per_split={"train": 2})
+    make_imagefolder(root, classes=("ants", "wasps"), per_split={"val": 2})
+    proc = run_cli("experiment=lite0_fe", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "only in train: ['bees']; only in val: ['wasps']" in out
+    assert "Traceback" not in out
+
+
+def test_two_by_two_sweep_writes_four_rows(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "experiment=lite0_fe",
+        f"data.root={tiny_data}",
+        "model.optimizer.lr=0.001,0.01",
+        "model.head.dropout=0.2,0.4",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert all(r["status"] == "ok" for r in rows)
+    losses = [float(r["best_val_loss"]) for r in rows]
+    assert losses == sorted(losses)
+    swept = ("model.optimizer.lr=", "model.head.dropout=")
+    combos = {tuple(sorted(o for o in r["overrides"].split() if o.startswith(swept))) for r in rows}
+    assert len(combos) == 4
+    assert {
+        json.loads((sweep / r["job"] / "summary.json").read_text())["best_val_loss"] for r in rows
+    } == set(losses)
+
+
+def test_lite0_fe_learns_hymenoptera_in_three_epochs(hymenoptera, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "experiment=lite0_fe", f"data.root={hymenoptera}", "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_val_acc"] >= 0.90, summary["history"]

@@ -101,15 +101,29 @@ def run_summary(
     }
 
 
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind ``exc``, unwrapping Hydra's InstantiationException; None if there is none."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimized metric for sweepers."""
     try:
         summary = train(cfg)
-    except UserError as err:
+    except Exception as exc:
+        err = user_error_in(exc)
+        if err is None:
+            raise
         log.error("%s", err)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records this job as failed and goes on with the others
+            raise err from None  # the sweep records this job as failed and goes on with the others
         sys.exit(1)
     metric = cfg.get("optimized_metric")
     return summary.get(metric) if metric else None

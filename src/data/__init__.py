@@ -1,0 +1,1 @@
+"""Datasets on disk → transformed tensors: the DataModule, transforms, image decoding, dataset sources."""

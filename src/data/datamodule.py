@@ -1,0 +1,174 @@
+"""LightningDataModule over an ImageFolder root with train/, val/ and optional test/ splits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from src.data.images import load_rgb
+from src.utils.errors import ConfigError, DatasetError
+
+log = logging.getLogger(__name__)
+
+
+def default_num_workers() -> int:
+    """Worker processes for decoding: one per CPU this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(0, min(cpus, 8))
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Train/val(/test) ImageFolder datasets with the recipe's transforms and matching class folders.
+
+    ``train_transforms`` and ``eval_transforms`` are the PIL-level steps (crops, flips, rotations);
+    ToTensor and Normalize(mean, std) are appended here, with mean/std handed in from the backbone.
+    ``prepare``, when given, is called with ``root`` to create or download the data when it is absent.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None,
+        train_transforms: Sequence[Callable],
+        eval_transforms: Sequence[Callable],
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        splits: dict[str, str] | None = None,
+        prepare: Callable[[Path], None] | None = None,
+    ) -> None:
+        super().__init__()
+        if root is None or str(root) == "":
+            raise DatasetError(
+                "data.root is not set: pass data.root=/path/to/dataset, an ImageFolder root with train/ and "
+                "val/ folders (test/ optional), each holding one folder per class."
+            )
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size must be at least 1, got {batch_size}.")
+        self.root = Path(root).expanduser()
+        self.splits = {"train": "train", "val": "val", "test": "test", **(splits or {})}
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.prepare = prepare
+        normalize = [T.ToTensor(), T.Normalize(list(mean), list(std))]
+        self.train_transform = T.Compose([*train_transforms, *normalize])
+        self.eval_transform = T.Compose([*eval_transforms, *normalize])
+        self.datasets: dict[str, ImageFolder] = {}
+        self.classes: list[str] = []
+        # split -> (dataset, sampler, batch size) of precomputed features that replace the images
+        self.feature_sets: dict[str, tuple[Dataset, Sampler | None, int]] = {}
+
+    # --------------------------------------------------------------------------------------- preparing
+
+    def prepare_data(self) -> None:
+        """Create or download the dataset when ``prepare`` is set and the root is absent."""
+        if self.prepare is not None:
+            self.prepare(self.root)
+
+    def split_dir(self, split: str) -> Path:
+        """Folder of a split (``train``, ``val``, ``test``)."""
+        return self.root / self.splits[split]
+
+    def has_split(self, split: str) -> bool:
+        return self.split_dir(split).is_dir()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan the splits once, check their classes agree, and build the datasets."""
+        if self.datasets:
+            return
+        if not self.root.is_dir():
+            raise DatasetError(f"data.root {self.root} does not exist or is not a folder.")
+        for required in ("train", "val"):
+            if not self.has_split(required):
+                raise DatasetError(
+                    f"{self.split_dir(required)} is missing: data.root must hold train/ and val/ folders "
+                    "(test/ optional), each with one sub-folder per class."
+                )
+        present = [s for s in ("train", "val", "test") if self.has_split(s)]
+        try:
+            classes = {s: find_classes(str(self.split_dir(s)))[0] for s in present}
+        except FileNotFoundError as err:  # a split with no class folders at all
+            raise DatasetError(f"{err}. Each split needs one sub-folder per class.") from None
+        check_same_classes(classes)
+        for split in present:
+            transform = self.train_transform if split == "train" else self.eval_transform
+            try:
+                self.datasets[split] = ImageFolder(str(self.split_dir(split)), transform, loader=load_rgb)
+            except FileNotFoundError as err:
+                raise DatasetError(f"{self.split_dir(split)}: {err}") from None
+        self.classes = list(self.datasets["train"].classes)
+        counts = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
+        log.info("Dataset %s: %d classes %s; images %s", self.root, len(self.classes), self.classes, counts)
+
+    # ------------------------------------------------------------------------------------------ loaders
+
+    def use_features(self, split: str, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> None:
+        """Serve ``split`` from precomputed features (in memory, no workers) instead of decoding images."""
+        self.feature_sets[split] = (dataset, sampler, batch_size)
+
+    def image_loader(self, split: str, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
+        """A one-off, in-order loader over a split's images with its own transform (for embedding).
+
+        ``generator`` seeds the workers' random transforms, so an augmented pass is reproducible.
+        """
+        return DataLoader(
+            self.datasets[split], batch_size=batch_size, shuffle=False, generator=generator,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split in self.feature_sets:
+            dataset, sampler, batch_size = self.feature_sets[split]
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.datasets:
+            raise DatasetError(f"{self.split_dir('test')} does not exist: this dataset has no test split.")
+        return self._loader("test", shuffle=False)
+
+
+def check_same_classes(classes: dict[str, list[str]]) -> None:
+    """Raise DatasetError naming the differing class folders when splits disagree.
+
+    Plain ImageFolder numbers classes per split, so a missing folder silently shifts every label.
+    """
+    reference = classes["train"]
+    for split, names in classes.items():
+        if names == reference:
+            continue
+        only_train = sorted(set(reference) - set(names))
+        only_here = sorted(set(names) - set(reference))
+        raise DatasetError(
+            f"Class folders differ between train and {split}: only in train: {only_train or 'none'}; "
+            f"only in {split}: {only_here or 'none'}. Every split needs the same class folders."
+        )

@@ -17,14 +17,17 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.models.backbones import normalization
 from src.utils.config import save_config
 from src.utils.errors import UserError
 from src.utils.io import write_json
+from src.utils.precision import fastest_precision
 
 log = logging.getLogger("src.train")
+# trainer.precision: ${fastest_precision:} picks bf16 where the CPU or GPU computes it natively
+OmegaConf.register_new_resolver("fastest_precision", fastest_precision, replace=True)
 
 
 def route_lightning_logs() -> None:
@@ -53,8 +56,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(cfg.model, class_names=datamodule.classes, _convert_="all")
+    model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "cache"])
+    model = instantiate(model_cfg, class_names=datamodule.classes, _convert_="all")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.model.get("cache") is not None:
+        callbacks.append(instantiate(cfg.model.cache, seed=cfg.get("seed")))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -74,13 +80,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def run_summary(
-    trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float
-) -> dict[str, Any]:
+def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:
     """What a user wants to know after a run, as plain JSON values."""
     from src.callbacks.epoch_summary import EpochSummary
+    from src.callbacks.feature_cache import FeatureCache
 
     history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), [])
+    cache = next((c.stats for c in trainer.callbacks if isinstance(c, FeatureCache)), None)
     scored = [h for h in history if "val/loss" in h]
     best = min(scored, key=lambda h: h["val/loss"]) if scored else {}
     ckpt = trainer.checkpoint_callback
@@ -97,6 +103,8 @@ def run_summary(
         **model.parameter_counts(),
         "backbone": model.hparams.backbone,
         "backbone_weights_sha256": model.weights_sha256,
+        "precision": str(trainer.precision),
+        "feature_cache": cache,
         "history": history,
     }
 

@@ -15,9 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
 
 
-def make_imagefolder(
-    root: Path, classes=("ants", "bees"), per_split=None, size=(64, 48), seed: int = 0
-) -> Path:
+def make_imagefolder(root: Path, classes=("ants", "bees"), per_split=None, size=(64, 48), seed: int = 0) -> Path:
     """Write a tiny ImageFolder: each class a distinct colour plus noise, PNG files."""
     per_split = per_split or {"train": 6, "val": 4}
     rng = np.random.default_rng(seed)
@@ -45,9 +43,7 @@ def hymenoptera() -> Path:
     return HYMENOPTERA
 
 
-def run_cli(
-    *args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m src.train ARGS`` in a subprocess, as a user would; output captured."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(

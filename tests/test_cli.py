@@ -78,9 +78,7 @@ def test_best_checkpoint_reproduces_the_logged_val_loss(default_run):
     summary = json.loads((default_run / "summary.json").read_text())
     ckpt = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["class_names"] == summary["classes"]
-    model = TransferClassifier.load_from_checkpoint(
-        summary["best_checkpoint"], map_location="cpu", weights_only=True
-    )
+    model = TransferClassifier.load_from_checkpoint(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     model.eval()
     recipe_eval = [T.Resize(256), T.CenterCrop(224)]
     dm = ImageFolderDataModule(
@@ -119,9 +117,7 @@ def test_tensorboard_server_lists_val_loss(default_run):
         body, deadline = "", time.monotonic() + 90
         while time.monotonic() < deadline and "val/loss" not in body:
             try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5
-                ) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
                     body = r.read().decode()
             except OSError:
                 time.sleep(1)
@@ -181,9 +177,7 @@ def test_two_by_two_sweep_writes_four_rows(tiny_data, tmp_path):
     swept = ("model.optimizer.lr=", "model.head.dropout=")
     combos = {tuple(sorted(o for o in r["overrides"].split() if o.startswith(swept))) for r in rows}
     assert len(combos) == 4
-    assert {
-        json.loads((sweep / r["job"] / "summary.json").read_text())["best_val_loss"] for r in rows
-    } == set(losses)
+    assert {json.loads((sweep / r["job"] / "summary.json").read_text())["best_val_loss"] for r in rows} == set(losses)
 
 
 def test_lite0_fe_learns_hymenoptera_in_three_epochs(hymenoptera, tmp_path):

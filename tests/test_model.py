@@ -15,9 +15,7 @@ from src.models.classifier import TransferClassifier
 from src.models.head import build_head
 from src.utils.errors import ConfigError
 
-RECIPE = dict(
-    head={"hidden_dim": 256, "dropout": 0.4}, optimizer={"name": "SGD", "lr": 0.01, "momentum": 0.9}
-)
+RECIPE = dict(head={"hidden_dim": 256, "dropout": 0.4}, optimizer={"name": "SGD", "lr": 0.01, "momentum": 0.9})
 
 
 def resnet18_classifier(classes=("ants", "bees")) -> TransferClassifier:
@@ -51,13 +49,9 @@ def test_bad_dropout_is_a_config_error(bad):
 
 def test_bad_optimizer_settings_are_config_errors():
     with pytest.raises(ConfigError, match="lr"):
-        TransferClassifier(
-            ["a", "b"], {"name": "resnet18", "weights": None}, RECIPE["head"], {"name": "SGD", "lr": 0}
-        )
+        TransferClassifier(["a", "b"], {"name": "resnet18", "weights": None}, RECIPE["head"], {"name": "SGD", "lr": 0})
     with pytest.raises(ConfigError, match="torch.optim"):
-        TransferClassifier(
-            ["a", "b"], {"name": "resnet18", "weights": None}, RECIPE["head"], {"name": "Nope", "lr": 1}
-        )
+        TransferClassifier(["a", "b"], {"name": "resnet18", "weights": None}, RECIPE["head"], {"name": "Nope", "lr": 1})
 
 
 class BatchNormModeProbe(L.Callback):
@@ -67,9 +61,7 @@ class BatchNormModeProbe(L.Callback):
         self.bn_training_seen = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.bn_training_seen.append(
-            any(m.training for m in pl_module.backbone.modules() if isinstance(m, _BatchNorm))
-        )
+        self.bn_training_seen.append(any(m.training for m in pl_module.backbone.modules() if isinstance(m, _BatchNorm)))
         assert pl_module.head.training  # the head itself trains (dropout active)
 
 
@@ -79,9 +71,7 @@ def test_training_epoch_changes_the_head_only(tiny_data, tmp_path):
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}  # params and BN buffers
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
     small = [T.Resize(64), T.CenterCrop(64)]
-    dm = ImageFolderDataModule(
-        tiny_data, small, small, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0
-    )
+    dm = ImageFolderDataModule(tiny_data, small, small, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0)
     probe = BatchNormModeProbe()
     trainer = L.Trainer(
         max_epochs=2,
@@ -110,9 +100,7 @@ def test_training_epoch_changes_the_head_only(tiny_data, tmp_path):
 def test_checkpoint_hparams_are_plain_values(tiny_data, tmp_path):
     model = resnet18_classifier()
     small = [T.Resize(32), T.CenterCrop(32)]
-    dm = ImageFolderDataModule(
-        tiny_data, small, small, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0
-    )
+    dm = ImageFolderDataModule(tiny_data, small, small, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0)
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",

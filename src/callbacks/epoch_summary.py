@@ -45,8 +45,6 @@ def format_epoch(row: dict[str, float], max_epochs: int | None) -> str:
     parts = [f"epoch {int(row['epoch'])}/{max_epochs if max_epochs and max_epochs > 0 else '?'}"]
     for stage in ("train", "val"):
         if f"{stage}/loss" in row:
-            parts.append(
-                f"{stage} loss {row[f'{stage}/loss']:.4f} acc {row.get(f'{stage}/acc', float('nan')):.4f}"
-            )
+            parts.append(f"{stage} loss {row[f'{stage}/loss']:.4f} acc {row.get(f'{stage}/acc', float('nan')):.4f}")
     parts.append(f"{row['seconds']:.1f} s")
     return " | ".join(parts)

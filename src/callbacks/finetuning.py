@@ -14,6 +14,8 @@ class FreezeBackbone(BaseFinetuning):
     module keeps frozen BatchNorm layers in eval mode (src.models.classifier.TransferClassifier.train).
     """
 
+    keeps_backbone_frozen = True  # the feature cache relies on it
+
     def freeze_before_training(self, pl_module: LightningModule) -> None:
         self.freeze(pl_module.backbone, train_bn=False)
 

@@ -128,8 +128,12 @@ class ImageFolderDataModule(LightningDataModule):
         ``generator`` seeds the workers' random transforms, so an augmented pass is reproducible.
         """
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=False, generator=generator,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=False,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

@@ -184,8 +184,7 @@ def efficientnet_lite0(weights: str | None) -> tuple[nn.Module, str | None]:
     target = model.state_dict()
     if len(source) != len(target):
         raise WeightsUnavailableError(
-            f"{path} holds {len(source)} tensors; timm's efficientnet_lite0 has {len(target)}: "
-            "not its weights."
+            f"{path} holds {len(source)} tensors; timm's efficientnet_lite0 has {len(target)}: not its weights."
         )
     mapped = {}
     for (dst, dst_t), (src, src_t) in zip(target.items(), source.items(), strict=True):

@@ -40,13 +40,16 @@ class TransferClassifier(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        built = build_backbone(**backbone)
-        self.backbone = built.module
+        built = build_backbone(backbone["name"], backbone.get("weights"))
+        self.channels_last = bool(backbone.get("channels_last", False))
+        self.backbone = built.module.to(memory_format=torch.channels_last) if self.channels_last else built.module
         self.head = build_head(built.feature_dim, len(class_names), **head)
         self.criterion = nn.NLLLoss()
         self.mean, self.std = built.mean, built.std
         self.weights_sha256 = built.weights_sha256
         check_optimizer(optimizer)
+        # stages whose batches are precomputed backbone features, not images (set by the FeatureCache)
+        self.feature_inputs: set[str] = set()
         n = len(class_names)
         # sample-weighted epoch means (torchmetrics accumulates detached numbers, never graphs)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
@@ -62,6 +65,8 @@ class TransferClassifier(LightningModule):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; without autograd when the backbone is frozen."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.backbone_is_frozen():
             with torch.inference_mode():
                 feats = self.backbone(x)
@@ -85,9 +90,7 @@ class TransferClassifier(LightningModule):
             self.backbone.eval()
             return
         for module in self.backbone.modules():
-            if isinstance(module, _BatchNorm) and not any(
-                p.requires_grad for p in module.parameters(recurse=False)
-            ):
+            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters(recurse=False)):
                 module.eval()
 
     def on_train_epoch_start(self) -> None:
@@ -99,7 +102,7 @@ class TransferClassifier(LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        log_probs = self(x)
+        log_probs = self.head(x) if stage in self.feature_inputs else self(x)
         loss = self.criterion(log_probs, y)
         loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         loss_metric.update(loss.detach(), weight=y.numel())
@@ -138,9 +141,7 @@ def check_optimizer(optimizer: dict[str, Any]) -> None:
     name = optimizer.get("name")
     cls = getattr(torch.optim, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ConfigError(
-            f"model.optimizer.name={name!r} is not a torch.optim optimizer (SGD, Adam, AdamW, ...)."
-        )
+        raise ConfigError(f"model.optimizer.name={name!r} is not a torch.optim optimizer (SGD, Adam, AdamW, ...).")
     lr = optimizer.get("lr")
     if not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"model.optimizer.lr must be a positive number, got {lr!r}.")

@@ -44,9 +44,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides)}
     if (job_dir / SUMMARY).is_file():
         summary = json.loads((job_dir / SUMMARY).read_text())
-        row.update(
-            {k: summary.get(k) for k in ("status", "best_val_loss", "best_val_acc", "epochs", "wall_s")}
-        )
+        row.update({k: summary.get(k) for k in ("status", "best_val_loss", "best_val_acc", "epochs", "wall_s")})
     elif (job_dir / FAILURE).is_file():
         row.update(json.loads((job_dir / FAILURE).read_text()))
     else:

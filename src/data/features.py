@@ -1,0 +1,33 @@
+"""Datasets and samplers over precomputed backbone features."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ViewSampler(Sampler[int]):
+    """Each epoch: every image once, in a fresh order, through one of its K cached augmented views.
+
+    The features dataset holds views stacked view-major (index ``view * N + image``). Order and view
+    choice depend only on (seed, epoch), so a resumed epoch replays exactly. Lightning calls
+    ``set_epoch`` before every training epoch.
+    """
+
+    def __init__(self, num_images: int, num_views: int, seed: int) -> None:
+        self.num_images, self.num_views, self.seed = num_images, num_views, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_images, generator=g)
+        views = torch.randint(self.num_views, (self.num_images,), generator=g)
+        return iter((views[order] * self.num_images + order).tolist())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from src.utils.precision import fastest_precision
 log = logging.getLogger("src.train")
 # trainer.precision: ${fastest_precision:} picks bf16 where the CPU or GPU computes it natively
 OmegaConf.register_new_resolver("fastest_precision", fastest_precision, replace=True)
+# a frozen backbone is in eval mode on purpose when training starts (BatchNorm statistics must not move)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def route_lightning_logs() -> None:

@@ -165,6 +165,7 @@ def test_two_by_two_sweep_writes_four_rows(tiny_data, tmp_path):
         "model.optimizer.lr=0.001,0.01",
         "model.head.dropout=0.2,0.4",
         "trainer.max_epochs=1",
+        f"model.cache.dir={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -177,7 +178,12 @@ def test_two_by_two_sweep_writes_four_rows(tiny_data, tmp_path):
     swept = ("model.optimizer.lr=", "model.head.dropout=")
     combos = {tuple(sorted(o for o in r["overrides"].split() if o.startswith(swept))) for r in rows}
     assert len(combos) == 4
-    assert {json.loads((sweep / r["job"] / "summary.json").read_text())["best_val_loss"] for r in rows} == set(losses)
+    summaries = {r["job"]: json.loads((sweep / r["job"] / "summary.json").read_text()) for r in rows}
+    assert {s["best_val_loss"] for s in summaries.values()} == set(losses)
+    # the jobs share one feature cache: only the first pays for the backbone
+    assert summaries["0"]["feature_cache"]["misses"] == 2 and summaries["0"]["feature_cache"]["hits"] == 0
+    for job in ("1", "2", "3"):
+        assert summaries[job]["feature_cache"]["misses"] == 0 and summaries[job]["feature_cache"]["hits"] == 2
 
 
 def test_lite0_fe_learns_hymenoptera_in_three_epochs(hymenoptera, tmp_path):

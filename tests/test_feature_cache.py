@@ -1,0 +1,207 @@
+"""Feature cache: hits, misses, invalidation, corrupt files, equality with a fresh pass, frozen-only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torchvision import transforms as T
+
+from src.callbacks.feature_cache import FeatureCache
+from src.callbacks.finetuning import FreezeBackbone
+from src.data.datamodule import ImageFolderDataModule
+from src.data.features import ViewSampler
+from src.models.classifier import TransferClassifier
+
+SMALL_TRAIN = [T.RandomResizedCrop(32, scale=(0.8, 1.0)), T.RandomHorizontalFlip(), T.CenterCrop(28)]
+SMALL_EVAL = [T.Resize(32), T.CenterCrop(28)]
+
+
+def fit(
+    data: Path,
+    cache_dir: Path,
+    train_views: int = 2,
+    freeze: bool = True,
+    precision: str = "32",
+    eval_tf=None,
+    epochs: int = 2,
+):
+    """A short resnet18 (random init, seeded so every call builds the same weights) run with a cache."""
+    torch.manual_seed(0)
+    model = TransferClassifier(
+        ["ants", "bees"],
+        {"name": "resnet18", "weights": None},
+        {"hidden_dim": 16, "dropout": 0.4},
+        {"name": "SGD", "lr": 0.01, "momentum": 0.9},
+    )
+    dm = ImageFolderDataModule(
+        data, SMALL_TRAIN, eval_tf or SMALL_EVAL, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0
+    )
+    cache = FeatureCache(
+        enabled=True, dir=cache_dir, train_views=train_views, eval_batch_size=64, embed_batch_size=5, seed=7
+    )
+    callbacks = [cache] + ([FreezeBackbone()] if freeze else [])
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        precision=precision,
+    )
+    trainer.fit(model, datamodule=dm)
+    return model, dm, cache
+
+
+def cache_files(cache_dir: Path) -> list[str]:
+    return sorted(p.name for p in cache_dir.glob("*.pt"))
+
+
+def test_first_run_misses_then_a_second_run_hits(tiny_data, tmp_path):
+    cache_dir = tmp_path / "cache"
+    model, dm, cache = fit(tiny_data, cache_dir)
+    assert cache.stats["used"] and cache.stats["misses"] == 3 and cache.stats["hits"] == 0  # val + 2 views
+    assert cache.stats["embedded_images"] == 8 + 2 * 12
+    assert model.feature_inputs == {"train", "val"}
+    files = cache_files(cache_dir)
+    assert len(files) == 3 and sum(f.startswith("train-view") for f in files) == 2
+    _, _, again = fit(tiny_data, cache_dir)
+    assert again.stats["hits"] == 3 and again.stats["misses"] == 0
+    assert cache_files(cache_dir) == files
+
+
+def test_cached_val_features_equal_a_fresh_pass(tiny_data, tmp_path):
+    model, dm, cache = fit(tiny_data, tmp_path / "cache")
+    cached_feats, cached_labels = dm.feature_sets["val"][0].tensors
+    model.eval()
+    fresh = torch.cat([model.features(x) for x, _ in dm.image_loader("val", 3)])
+    labels = torch.tensor([y for _, y in dm.datasets["val"].samples])
+    assert torch.equal(cached_feats, fresh)
+    assert torch.equal(cached_labels, labels)
+
+
+def test_train_views_are_reproducible_and_distinct(tiny_data, tmp_path):
+    _, dm_a, _ = fit(tiny_data, tmp_path / "a")
+    _, dm_b, _ = fit(tiny_data, tmp_path / "b")  # a cold cache elsewhere: recomputed from scratch
+    feats_a, labels_a = dm_a.feature_sets["train"][0].tensors
+    feats_b, _ = dm_b.feature_sets["train"][0].tensors
+    assert torch.equal(feats_a, feats_b)
+    n = len(dm_a.datasets["train"])
+    assert feats_a.shape[0] == 2 * n and torch.equal(labels_a[:n], labels_a[n:])
+    assert not torch.equal(feats_a[:n], feats_a[n:])  # view 0 and view 1 are different augmentations
+
+
+def test_changed_file_invalidates_only_its_split(tiny_data, tmp_path):
+    cache_dir = tmp_path / "cache"
+    fit(tiny_data, cache_dir)
+    victim = next((tiny_data / "val" / "ants").iterdir())
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _, _, cache = fit(tiny_data, cache_dir)
+    assert cache.stats["misses"] == 1 and cache.stats["hits"] == 2
+
+
+def test_changed_transform_or_precision_invalidates(tiny_data, tmp_path):
+    cache_dir = tmp_path / "cache"
+    fit(tiny_data, cache_dir, train_views=1)
+    _, _, other_tf = fit(tiny_data, cache_dir, train_views=1, eval_tf=[T.Resize(30), T.CenterCrop(28)])
+    assert other_tf.stats["misses"] == 1 and other_tf.stats["hits"] == 1
+    _, _, bf16 = fit(tiny_data, cache_dir, train_views=1, precision="bf16-mixed", epochs=1)
+    assert bf16.stats["misses"] == 2 and bf16.stats["hits"] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_corrupt_cache_file_is_rebuilt_not_used(tiny_data, tmp_path, damage):
+    cache_dir = tmp_path / "cache"
+    _, dm, _ = fit(tiny_data, cache_dir, train_views=0)
+    good = dm.feature_sets["val"][0].tensors[0].clone()
+    (path,) = cache_dir.glob("val-*.pt")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # a flipped bit inside the stored feature bytes: only the hash can tell
+        feats = torch.load(path, weights_only=True)
+        feats["tensors"]["features"][0, 0] += 1.0
+        torch.save(feats, path)
+    else:
+        path.write_bytes(b"not a torch file")
+    _, dm2, cache = fit(tiny_data, cache_dir, train_views=0)
+    assert cache.stats["misses"] == 1 and cache.stats["hits"] == 0
+    assert torch.equal(dm2.feature_sets["val"][0].tensors[0], good)
+    _, _, third = fit(tiny_data, cache_dir, train_views=0)  # the rebuilt file is whole again
+    assert third.stats["hits"] == 1
+
+
+def test_train_views_zero_caches_val_only(tiny_data, tmp_path):
+    model, dm, cache = fit(tiny_data, tmp_path / "cache", train_views=0)
+    assert model.feature_inputs == {"val"} and "train" not in dm.feature_sets
+    assert [f.split("-")[0] for f in cache_files(tmp_path / "cache")] == ["val"]
+
+
+def test_no_cache_when_the_backbone_trains(tiny_data, tmp_path):
+    model, dm, cache = fit(tiny_data, tmp_path / "cache", freeze=False)
+    assert not cache.stats["used"] and model.feature_inputs == set() and dm.feature_sets == {}
+    assert not (tmp_path / "cache").exists()
+
+
+def test_view_sampler_draws_each_image_once_per_epoch():
+    sampler = ViewSampler(num_images=10, num_views=3, seed=1)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        idx = list(sampler)
+        assert sorted(i % 10 for i in idx) == list(range(10))
+        assert all(0 <= i // 10 < 3 for i in idx)
+        epochs.append(idx)
+    assert epochs[0] != epochs[1]
+    sampler.set_epoch(1)
+    assert list(sampler) == epochs[1]  # replayable
+
+
+@pytest.mark.slow
+def test_head_trained_on_fp32_features_agrees_on_bf16_features(hymenoptera):
+    """bf16 + channels_last features change ≤ 2% of a trained head's predictions (lite0, hymenoptera val)."""
+    from src.models.backbones import build_backbone
+    from src.models.head import build_head
+
+    backbone = build_backbone("efficientnet_lite0", "DEFAULT")
+    net = backbone.module.eval()
+    recipe_eval = [T.Resize(256), T.CenterCrop(224)]
+    dm = ImageFolderDataModule(hymenoptera, recipe_eval, recipe_eval, backbone.mean, backbone.std, num_workers=2)
+    dm.setup("fit")
+    dm.datasets["train"].transform = dm.eval_transform
+
+    def embed(split: str, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = net.to(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+        feats, labels = [], []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for x, y in dm.image_loader(split, 32):
+                x = x.contiguous(memory_format=torch.channels_last) if bf16 else x
+                feats.append(model(x).float())
+                labels.append(y)
+        return torch.cat(feats), torch.cat(labels)
+
+    train_x, train_y = embed("train", bf16=False)
+    val32, val_y = embed("val", bf16=False)
+    val16, _ = embed("val", bf16=True)
+    torch.manual_seed(0)
+    head = build_head(train_x.shape[1], 2, hidden_dim=256, dropout=0.4)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(10):
+        for idx in torch.randperm(len(train_y)).split(32):
+            opt.zero_grad()
+            torch.nn.functional.nll_loss(head(train_x[idx]), train_y[idx]).backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        pred32, pred16 = head(val32).argmax(1), head(val16).argmax(1)
+    assert (pred32 == val_y).float().mean() >= 0.9  # the head learned something real
+    agreement = (pred32 == pred16).float().mean().item()
+    print(f"fp32-vs-bf16 head agreement {agreement:.4f}, fp32 acc {(pred32 == val_y).float().mean():.4f}")
+    assert agreement >= 0.98, agreement

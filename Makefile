@@ -40,3 +40,6 @@ sweep: $(STAMP) ## the README's lr x dropout sweep; ARGS adds overrides (e.g. da
 clean: ## remove run outputs, caches and generated data (not .venv)
 	rm -rf logs/train .cache data/synthetic_shapes .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -exec rm -rf {} +
+
+bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes docs/benchmarks.md (DATA=... to change)
+	$(PY) -m benchmarks.bench_fe $(if $(DATA),--data $(DATA)) $(ARGS)

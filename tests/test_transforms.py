@@ -104,3 +104,22 @@ def test_datamodule_batches_have_the_right_shape(tiny_data):
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
     assert dm.classes == ["ants", "bees"]
     assert len(dm.datasets["train"]) == 12 and len(dm.datasets["val"]) == 8
+
+
+def test_draft_decoding_of_large_jpegs_changes_only_resampling_noise(tmp_path):
+    yy, xx = np.mgrid[0:1000, 0:1300]
+    arr = np.stack([xx % 256, yy % 256, (xx + yy) // 10 % 256], -1).astype(np.uint8)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(arr).filter(__import__("PIL.ImageFilter").ImageFilter.GaussianBlur(3)).save(big, quality=95)
+    full, drafted = load_rgb(big), load_rgb(big, min_side=256)
+    assert full.size == (1300, 1000)
+    assert drafted.size == (650, 500)  # 1/2 scale: 1/4 would drop the short side below 256
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    diff = (tf(full) - tf(drafted)).abs()
+    assert diff.mean() < 1 / 255 and diff.max() < 0.1
+    small = tmp_path / "small.jpg"
+    Image.fromarray(arr[:400, :500]).save(small)
+    assert load_rgb(small, min_side=256).size == (500, 400)  # under 2x min_side: decoded in full
+    png = tmp_path / "big.png"
+    Image.fromarray(arr).save(png)
+    assert load_rgb(png, min_side=256).size == (1300, 1000)  # draft mode exists for JPEG only

@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import TensorDataset
 
 from src.data.features import ViewSampler
+from src.utils.errors import ConfigError
 from src.utils.tensor_store import load_tensors, save_tensors, tensors_digest
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class FeatureCache(Callback):
         seed: int | None = None,
     ) -> None:
         if int(train_views) < 0:
-            raise ValueError(f"model.cache.train_views must be >= 0, got {train_views}")
+            raise ConfigError(f"model.cache.train_views must be >= 0, got {train_views}.")
         self.enabled = bool(enabled)
         self.dir = Path(dir)
         self.train_views = int(train_views)
@@ -103,6 +104,7 @@ class FeatureCache(Callback):
             **self._identity,
             "split": split,
             "transform": repr(dataset.transform),
+            "loader": repr(dataset.loader),
             "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
             "count": len(files),
             "view": view,

@@ -14,7 +14,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from src.data.images import load_rgb
+from src.data.images import RGBLoader
 from src.utils.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class ImageFolderDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         splits: dict[str, str] | None = None,
         prepare: Callable[[Path], None] | None = None,
+        decode_min_side: int | None = None,
     ) -> None:
         super().__init__()
         if root is None or str(root) == "":
@@ -59,13 +60,14 @@ class ImageFolderDataModule(LightningDataModule):
             )
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {batch_size}.")
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser().resolve()  # absolute: cache keys and logs name the same files
         self.splits = {"train": "train", "val": "val", "test": "test", **(splits or {})}
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prepare = prepare
+        self.loader = RGBLoader(decode_min_side)
         normalize = [T.ToTensor(), T.Normalize(list(mean), list(std))]
         self.train_transform = T.Compose([*train_transforms, *normalize])
         self.eval_transform = T.Compose([*eval_transforms, *normalize])
@@ -109,7 +111,7 @@ class ImageFolderDataModule(LightningDataModule):
         for split in present:
             transform = self.train_transform if split == "train" else self.eval_transform
             try:
-                self.datasets[split] = ImageFolder(str(self.split_dir(split)), transform, loader=load_rgb)
+                self.datasets[split] = ImageFolder(str(self.split_dir(split)), transform, loader=self.loader)
             except FileNotFoundError as err:
                 raise DatasetError(f"{self.split_dir(split)}: {err}") from None
         self.classes = list(self.datasets["train"].classes)

@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+import torchvision
 from torch import nn
 
 from src.utils.errors import ConfigError, WeightsUnavailableError
@@ -49,18 +51,16 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def available_backbones() -> list[str]:
     """Every name ``build_backbone`` accepts."""
-    from torchvision.models import list_models
 
-    return sorted({LITE0_NAME, *list_models(module=__import__("torchvision").models)})
+    return sorted({LITE0_NAME, *torchvision.models.list_models(module=torchvision.models)})
 
 
 def check_backbone_name(name: str) -> None:
     """Raise a ConfigError listing close names when ``name`` is not a known backbone."""
     if name == LITE0_NAME:
         return
-    from torchvision.models import list_models
 
-    if name not in list_models(module=__import__("torchvision").models):
+    if name not in torchvision.models.list_models(module=torchvision.models):
         import difflib
 
         close = difflib.get_close_matches(name, available_backbones(), n=5)
@@ -92,8 +92,6 @@ def build_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
 
 def torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, str | None]:
     """A torchvision classifier with its 1000-class ImageNet head, weights loaded as asked."""
-    import torchvision
-
     model = torchvision.models.get_model(name, weights=None)
     if weights is None:
         return model, None
@@ -168,8 +166,6 @@ def efficientnet_lite0(weights: str | None) -> tuple[nn.Module, str | None]:
     The package's keys use another naming, but both state dicts hold the same 296 tensors in the same
     order, so they are mapped by position after every shape and the file's SHA-256 have been checked.
     """
-    import timm
-
     model = timm.create_model(LITE0_NAME, pretrained=False)
     if weights is None:
         return model, None

@@ -224,8 +224,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = out.read_text() if out.exists() else ""
-    marker = "\n## GPU"
-    keep = previous[previous.index(marker) :] if marker in previous else ""  # GPU tables are added by hand
+    marker = "\n## Notes"  # hand-written analysis and GPU tables follow the generated part: keep them
+    keep = previous[previous.index(marker) :] if marker in previous else ""
     out.write_text(text + keep)
     print(f"written to {out}; runs in {work}")
 

@@ -43,14 +43,17 @@ def hymenoptera() -> Path:
     return HYMENOPTERA
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m src.train ARGS`` in a subprocess, as a user would; output captured."""
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+def run_cli(*args: str, scratch: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m src.train ARGS`` from the repository root in a subprocess, as a user would.
+
+    Caches go under ``scratch`` so tests never write into the repository.
+    """
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [sys.executable, "-m", "src.train", *args],
-        cwd=cwd,
+        [sys.executable, "-m", "src.train", *args, f"paths.cache_dir={scratch / 'cache'}"],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=full_env,
+        env=env,
     )

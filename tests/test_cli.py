@@ -45,7 +45,7 @@ def default_run(tmp_path_factory) -> Path:
     """The no-argument default (synthetic shapes, efficientnet_lite0), shortened to 2 epochs."""
     tmp = tmp_path_factory.mktemp("default")
     run_dir = tmp / "run"
-    proc = run_cli("trainer.max_epochs=2", f"paths.data_dir={tmp / 'data'}", f"hydra.run.dir={run_dir}")
+    proc = run_cli("trainer.max_epochs=2", f"paths.data_dir={tmp / 'data'}", f"hydra.run.dir={run_dir}", scratch=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -91,7 +91,8 @@ def test_best_checkpoint_reproduces_the_logged_val_loss(default_run):
     )
     dm.setup("fit")
     total, n = 0.0, 0
-    with torch.inference_mode():
+    bf16 = summary["precision"].startswith("bf16")  # recompute at the run's precision
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for x, y in dm.val_dataloader():
             total += torch.nn.functional.nll_loss(model(x), y, reduction="sum").item()
             n += len(y)
@@ -135,6 +136,7 @@ def test_missing_weights_stop_before_training_in_a_few_lines(tiny_data, tmp_path
         f"data.root={tiny_data}",
         f"model.backbone.weights={missing}",
         f"hydra.run.dir={tmp_path / 'run'}",
+        scratch=tmp_path,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1
@@ -149,7 +151,7 @@ def test_class_mismatch_stops_the_cli_with_the_names(tmp_path):
 
     root = make_imagefolder(tmp_path / "d", classes=("ants", "bees"), per_split={"train": 2})
     make_imagefolder(root, classes=("ants", "wasps"), per_split={"val": 2})
-    proc = run_cli("experiment=lite0_fe", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli("experiment=lite0_fe", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}", scratch=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1
     assert out.count("only in train: ['bees']; only in val: ['wasps']") == 1
@@ -165,8 +167,8 @@ def test_two_by_two_sweep_writes_four_rows(tiny_data, tmp_path):
         "model.optimizer.lr=0.001,0.01",
         "model.head.dropout=0.2,0.4",
         "trainer.max_epochs=1",
-        f"model.cache.dir={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep}",
+        scratch=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "sweep_summary.csv") as f:
@@ -189,7 +191,11 @@ def test_two_by_two_sweep_writes_four_rows(tiny_data, tmp_path):
 def test_lite0_fe_learns_hymenoptera_in_three_epochs(hymenoptera, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "experiment=lite0_fe", f"data.root={hymenoptera}", "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"
+        "experiment=lite0_fe",
+        f"data.root={hymenoptera}",
+        "trainer.max_epochs=3",
+        f"hydra.run.dir={run_dir}",
+        scratch=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -27,6 +27,7 @@ from src.utils.io import write_json
 from src.utils.precision import fastest_precision
 
 log = logging.getLogger("src.train")
+MODEL_CALLBACKS = ("finetune", "cache")
 # trainer.precision: ${fastest_precision:} picks bf16 where the CPU or GPU computes it natively
 OmegaConf.register_new_resolver("fastest_precision", fastest_precision, replace=True)
 # a frozen backbone is in eval mode on purpose when training starts (BatchNorm statistics must not move)
@@ -59,10 +60,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "cache"])
+    # model.finetune and model.cache configure callbacks, not the module
+    model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
     model = instantiate(model_cfg, class_names=datamodule.classes, _convert_="all")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if cfg.model.get("cache") is not None:
+    if cfg.model.get("finetune") is not None:
+        callbacks.append(instantiate(cfg.model.finetune, _convert_="all"))
+    if cfg.model.get("cache") is not None:  # after finetune: it asks whether the backbone stays frozen
         callbacks.append(instantiate(cfg.model.cache, seed=cfg.get("seed")))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

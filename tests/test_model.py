@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import transforms as T
 
-from src.callbacks.finetuning import FreezeBackbone
+from src.callbacks.finetuning import BackboneFinetuning
 from src.data.datamodule import ImageFolderDataModule
 from src.models.classifier import TransferClassifier
 from src.models.head import build_head
@@ -79,7 +79,7 @@ def test_training_epoch_changes_the_head_only(tiny_data, tmp_path):
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
-        callbacks=[FreezeBackbone(), probe],
+        callbacks=[BackboneFinetuning(), probe],
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
@@ -106,7 +106,7 @@ def test_checkpoint_hparams_are_plain_values(tiny_data, tmp_path):
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
-        callbacks=[FreezeBackbone()],
+        callbacks=[BackboneFinetuning()],
         default_root_dir=tmp_path,
         num_sanity_val_steps=0,
     )

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import TensorDataset
 
-from src.data.features import ViewSampler
+from src.data.features import FeatureSet, ViewSampler
 from src.utils.errors import ConfigError
 from src.utils.tensor_store import load_tensors, save_tensors, tensors_digest
 
@@ -62,27 +61,34 @@ class FeatureCache(Callback):
 
     # ------------------------------------------------------------------------------------------- hooks
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # after the BaseFinetuning freeze and the move to the device, before the dataloaders are made
-        if not self.enabled:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # after the datamodule's setup, before the optimizer (whose schedule counts the train batches)
+        self.sets: dict[str, FeatureSet] = {}
+        if stage != "fit" or not self.enabled:
             return
         if not backbone_frozen_throughout(trainer, pl_module):
             log.info("Feature cache not used: the backbone trains in this run")
             return
         dm = trainer.datamodule
+        self.sets["val"] = FeatureSet(len(dm.datasets["val"]))
+        dm.use_features("val", self.sets["val"], batch_size=self.eval_batch_size)
+        if self.train_views > 0:
+            n = len(dm.datasets["train"])
+            self.sets["train"] = FeatureSet(self.train_views * n)
+            dm.use_features("train", self.sets["train"], dm.batch_size, ViewSampler(n, self.train_views, self.seed))
+        pl_module.feature_inputs = set(self.sets)
+        self.stats["used"] = True
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the model now sits on its device: embed (or load) what setup promised, before the first batch
+        if not self.sets:
+            return
         pl_module.keep_frozen_parts_in_eval()
         self._identity = self.identity(trainer, pl_module)
-        feats, labels = self.features(trainer, pl_module, "val", view=None)
-        dm.use_features("val", TensorDataset(feats, labels), batch_size=self.eval_batch_size)
-        inputs = {"val"}
-        if self.train_views > 0:
+        self.sets["val"].fill(*self.features(trainer, pl_module, "val", view=None))
+        if "train" in self.sets:
             views = [self.features(trainer, pl_module, "train", view=k) for k in range(self.train_views)]
-            n = len(views[0][1])
-            dataset = TensorDataset(torch.cat([f for f, _ in views]), torch.cat([y for _, y in views]))
-            dm.use_features("train", dataset, dm.batch_size, ViewSampler(n, self.train_views, self.seed))
-            inputs.add("train")
-        pl_module.feature_inputs = inputs
-        self.stats["used"] = True
+            self.sets["train"].fill(torch.cat([f for f, _ in views]), torch.cat([y for _, y in views]))
 
     # ------------------------------------------------------------------------------------------- cache
 
@@ -165,8 +171,14 @@ def embed(pl_module: LightningModule, loader: Any, forward_context: Any) -> tupl
 
 
 def backbone_frozen_throughout(trainer: Trainer, pl_module: LightningModule) -> bool:
-    """True when no backbone parameter trains now and no callback will unfreeze any later."""
+    """True when a finetuning callback freezes the backbone and none will unfreeze any of it later.
+
+    Called at set-up, when callbacks may not have frozen anything yet: their declared intent decides,
+    or, with no finetuning callback at all, whether the backbone is frozen already.
+    """
     from lightning.pytorch.callbacks import BaseFinetuning
 
     finetuners = [c for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
-    return pl_module.backbone_is_frozen() and all(getattr(c, "keeps_backbone_frozen", False) for c in finetuners)
+    if not finetuners:
+        return pl_module.backbone_is_frozen()
+    return all(getattr(c, "keeps_backbone_frozen", False) for c in finetuners)

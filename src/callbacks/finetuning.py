@@ -1,23 +1,96 @@
-"""Freezing the backbone with Lightning's BaseFinetuning mechanics."""
+"""Freezing and scheduled unfreezing of the backbone, with Lightning's BaseFinetuning mechanics."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from typing import Any
+
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BaseFinetuning
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
+from src.models.layer_groups import layer_groups
+from src.utils.errors import ConfigError
 
-class FreezeBackbone(BaseFinetuning):
-    """Feature extraction: every backbone parameter frozen for the whole run, BatchNorm included.
+log = logging.getLogger(__name__)
 
-    BaseFinetuning freezes before the optimizer is built, so the optimizer sees the head only; the
-    module keeps frozen BatchNorm layers in eval mode (src.models.classifier.TransferClassifier.train).
+BN_POLICIES = ("frozen", "train")
+
+
+class BackboneFinetuning(BaseFinetuning):
+    """Freeze the whole backbone before training, then unfreeze its last layer groups on a schedule.
+
+    ``schedule``: entries ``{epoch: E, groups: N | "all"}``: from epoch E (0-based) on, the last N layer
+    groups (src.models.layer_groups) train. Empty: feature extraction, nothing ever unfreezes.
+    Each unfrozen group joins the optimizer as its own param group, named ``backbone.<group>``, at
+    ``backbone_lr_factor`` × the head's initial LR. ``bn``: ``frozen`` keeps BatchNorm layers of unfrozen
+    groups in eval mode with fixed affine parameters; ``train`` lets them normalise with batch statistics
+    and learn. A frozen group's BatchNorm is frozen in every case.
+
+    On resume, BaseFinetuning restores the param groups by parameter name and Lightning then loads their
+    optimizer state; ``finetune_function`` re-applies every schedule entry up to the current epoch.
     """
 
-    keeps_backbone_frozen = True  # the feature cache relies on it
+    def __init__(
+        self, schedule: Sequence[dict[str, Any]] = (), backbone_lr_factor: float = 0.1, bn: str = "frozen"
+    ) -> None:
+        super().__init__()
+        if bn not in BN_POLICIES:
+            raise ConfigError(f"model.finetune.bn must be one of {BN_POLICIES}, got {bn!r}.")
+        if backbone_lr_factor <= 0:
+            raise ConfigError(f"model.finetune.backbone_lr_factor must be positive, got {backbone_lr_factor}.")
+        self.schedule = sorted(
+            ({"epoch": int(e["epoch"]), "groups": e["groups"]} for e in schedule), key=lambda e: e["epoch"]
+        )
+        for entry in self.schedule:
+            g = entry["groups"]
+            if not (g == "all" or (isinstance(g, int) and g >= 1)):
+                raise ConfigError(f"model.finetune.schedule: groups must be a positive integer or 'all', got {g!r}.")
+        self.backbone_lr_factor = float(backbone_lr_factor)
+        self.bn = bn
+
+    @property
+    def keeps_backbone_frozen(self) -> bool:
+        """True when nothing ever unfreezes: the feature cache may be used."""
+        return not self.schedule
 
     def freeze_before_training(self, pl_module: LightningModule) -> None:
         self.freeze(pl_module.backbone, train_bn=False)
+        if self.schedule:  # fail before training, not at the unfreeze epoch
+            groups = layer_groups(pl_module.hparams.backbone["name"], pl_module.backbone)
+            for entry in self.schedule:
+                if entry["groups"] != "all" and entry["groups"] > len(groups):
+                    raise ConfigError(
+                        f"model.finetune.schedule asks for {entry['groups']} groups; "
+                        f"{pl_module.hparams.backbone['name']} has {len(groups)}: {[n for n, _ in groups]}."
+                    )
+
+    def groups_training_at(self, epoch: int, total: int) -> int:
+        """How many of the last groups train at ``epoch``."""
+        count = 0
+        for entry in self.schedule:
+            if entry["epoch"] <= epoch:
+                count = total if entry["groups"] == "all" else max(count, int(entry["groups"]))
+        return count
 
     def finetune_function(self, pl_module: LightningModule, epoch: int, optimizer: Optimizer) -> None:
-        """Nothing ever unfreezes in feature extraction."""
+        if not self.schedule:
+            return
+        groups = layer_groups(pl_module.hparams.backbone["name"], pl_module.backbone)
+        count = self.groups_training_at(epoch, len(groups))
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        head_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        for name, modules in groups[len(groups) - count :]:
+            self.make_trainable(modules)
+            if self.bn == "frozen":
+                for bn in (m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm)):
+                    for p in bn.parameters():
+                        p.requires_grad = False
+            params = [p for mod in modules for p in mod.parameters() if p.requires_grad and id(p) not in in_optimizer]
+            if params:  # a fresh unfreeze (on resume the group is already back in the optimizer)
+                lr = head_lr * self.backbone_lr_factor
+                optimizer.add_param_group({"params": params, "lr": lr, "initial_lr": lr, "name": f"backbone.{name}"})
+                log.info("Epoch %d: unfroze backbone group %s (%d tensors) at lr %.3g", epoch, name, len(params), lr)
+        pl_module.keep_frozen_parts_in_eval()

@@ -5,7 +5,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+
+class FeatureSet(Dataset):
+    """(feature, label) pairs whose size is known before they are computed.
+
+    Dataloaders (and Lightning's step estimates) can be built over it at set-up; the tensors are
+    filled in just before the first epoch, once the model sits on its device.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.features: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    def fill(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(labels) != self.size or len(features) != self.size:
+            raise ValueError(f"expected {self.size} features and labels, got {len(features)} and {len(labels)}")
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.features is None:
+            raise RuntimeError("FeatureSet read before its features were computed")
+        return self.features[i], self.labels[i]
 
 
 class ViewSampler(Sampler[int]):

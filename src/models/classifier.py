@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from src.models.backbones import build_backbone
 from src.models.head import build_head
+from src.models.schedules import build_schedule
 from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class TransferClassifier(LightningModule):
         backbone: dict[str, Any],
         head: dict[str, Any],
         optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -89,6 +91,7 @@ class TransferClassifier(LightningModule):
         if self.backbone_is_frozen():
             self.backbone.eval()
             return
+        nn.Module.train(self.backbone, self.training)  # trainable parts follow the module's mode
         for module in self.backbone.modules():
             if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters(recurse=False)):
                 module.eval()
@@ -122,12 +125,26 @@ class TransferClassifier(LightningModule):
 
     # --------------------------------------------------------------------------------------- optimizer
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The configured torch.optim optimizer over the trainable parameters only."""
+    def configure_optimizers(self) -> Any:
+        """The configured torch.optim optimizer over the trainable parameters only, and its LR schedule.
+
+        The trainable parameters form one group named ``head`` (with the backbone too when nothing froze it);
+        BackboneFinetuning adds ``backbone.<group>`` groups as it unfreezes them.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         options = dict(self.hparams.optimizer)
         cls = getattr(torch.optim, options.pop("name"))
-        return cls(params, **options)
+        optimizer = cls([{"params": params, "name": "head"}], **options)
+        sched_cfg = dict(self.hparams.scheduler or {})
+        name = sched_cfg.get("name")
+        scheduler = (
+            build_schedule(optimizer, self.trainer.estimated_stepping_batches, name, **sched_cfg.get(name) or {})
+            if name not in (None, "none")
+            else None
+        )
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and frozen parameter counts."""

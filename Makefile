@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-fast lint format tensorboard sweep bench clean
+.PHONY: install train test test-fast lint format tensorboard sweep bench bench-ft clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,6 @@ clean: ## remove run outputs, caches and generated data (not .venv)
 
 bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes docs/benchmarks.md (DATA=... to change)
 	$(PY) -m benchmarks.bench_fe $(if $(DATA),--data $(DATA)) $(ARGS)
+
+bench-ft: $(STAMP) ## lite0_fe vs lite0_ft over 3 seeds on hymenoptera; writes docs/fe_vs_ft.md
+	$(PY) -m benchmarks.fe_vs_ft $(if $(DATA),--data $(DATA)) $(ARGS)

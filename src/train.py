@@ -7,7 +7,6 @@ fit, and write summary.json into the run's output folder.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -15,14 +14,12 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.models.backbones import normalization
+from src.utils.cli import report_user_errors
 from src.utils.config import save_config
-from src.utils.errors import UserError
 from src.utils.io import write_json
 from src.utils.precision import fastest_precision
 
@@ -62,7 +59,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     # model.finetune and model.cache configure callbacks, not the module
     model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
-    model = instantiate(model_cfg, class_names=datamodule.classes, _convert_="all")
+    preprocessing = {  # what inference needs, recorded in every checkpoint
+        "mean": list(datamodule.mean),
+        "std": list(datamodule.std),
+        # {"transform": "torchvision.transforms.Resize", "size": 256}: no _target_, so nothing instantiates it here
+        "eval_transforms": [
+            {"transform": t.pop("_target_"), **t}
+            for t in OmegaConf.to_container(cfg.data.eval_transforms, resolve=True)
+        ],
+    }
+    model = instantiate(
+        model_cfg,
+        class_names=datamodule.classes,
+        preprocessing=preprocessing,
+        data_root=str(datamodule.root),
+        _convert_="all",
+    )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.model.get("finetune") is not None:
         callbacks.append(instantiate(cfg.model.finetune, _convert_="all"))
@@ -75,6 +87,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     wall_s = time.perf_counter() - start
 
     summary = run_summary(trainer, model, datamodule.classes, wall_s)
+    if datamodule.has_split("test") and summary["best_checkpoint"]:
+        summary["test"] = test_best_checkpoint(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
     log.info(
         "Best val loss %.4f (val acc %.4f, epoch %s) in %.1f s; outputs in %s",
@@ -85,6 +99,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     return summary
+
+
+def test_best_checkpoint(path: str, datamodule: Any) -> dict[str, Any]:
+    """The best checkpoint's metrics on the dataset's test split, loaded the way a user loads it."""
+    from src.inference.checkpoint import model_from_checkpoint
+    from src.inference.evaluate import evaluate_split
+    from src.utils.cli import pick_device
+
+    device = pick_device("auto")
+    model = model_from_checkpoint(path, device)
+    metrics, _, _ = evaluate_split(
+        model,
+        datamodule.datasets["test"],
+        datamodule.classes,
+        datamodule.eval_batch_size,
+        datamodule.num_workers,
+        device,
+    )
+    log.info(
+        "Best checkpoint on test: accuracy %.4f, loss %.4f (%d images)",
+        metrics["accuracy"],
+        metrics["loss"],
+        metrics["samples"],
+    )
+    return {k: metrics[k] for k in ("samples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1")}
 
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:
@@ -116,30 +155,11 @@ def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str]
     }
 
 
-def user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError behind ``exc``, unwrapping Hydra's InstantiationException; None if there is none."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@report_user_errors
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimized metric for sweepers."""
-    try:
-        summary = train(cfg)
-    except Exception as exc:
-        err = user_error_in(exc)
-        if err is None:
-            raise
-        log.error("%s", err)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise err from None  # the sweep records this job as failed and goes on with the others
-        sys.exit(1)
+    summary = train(cfg)
     metric = cfg.get("optimized_metric")
     return summary.get(metric) if metric else None
 

@@ -68,7 +68,8 @@ class ImageFolderDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prepare = prepare
         self.loader = RGBLoader(decode_min_side)
-        normalize = [T.ToTensor(), T.Normalize(list(mean), list(std))]
+        self.mean, self.std = list(mean), list(std)
+        normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         self.train_transform = T.Compose([*train_transforms, *normalize])
         self.eval_transform = T.Compose([*eval_transforms, *normalize])
         self.datasets: dict[str, ImageFolder] = {}

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from src.models.backbones import build_backbone
 from src.models.head import build_head
 from src.models.schedules import build_schedule
-from src.utils.errors import ConfigError
+from src.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,9 @@ class TransferClassifier(LightningModule):
     running statistics never move.
 
     All constructor arguments are plain values (str, float, list, dict), so checkpoints load with
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``. ``preprocessing`` (mean, std, eval transforms) makes a checkpoint
+    usable on its own. ``slim_checkpoint``: while the backbone stays frozen and its weights come from a
+    hashed file, checkpoints hold the head only plus the backbone's weights id and SHA-256.
     """
 
     def __init__(
@@ -39,6 +41,9 @@ class TransferClassifier(LightningModule):
         head: dict[str, Any],
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
+        preprocessing: dict[str, Any] | None = None,
+        slim_checkpoint: bool = False,
+        data_root: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -145,6 +150,41 @@ class TransferClassifier(LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Slim checkpoints: drop the frozen backbone, keep the reference that rebuilds it."""
+        trainer = self._trainer
+        unfreezes_later = trainer is not None and any(
+            getattr(c, "keeps_backbone_frozen", True) is False for c in trainer.callbacks
+        )
+        if self.hparams.slim_checkpoint and self.weights_sha256 and self.backbone_is_frozen() and not unfreezes_later:
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
+            }
+            checkpoint["backbone_ref"] = {
+                "name": self.hparams.backbone["name"],
+                "weights": self.hparams.backbone.get("weights"),
+                "sha256": self.weights_sha256,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming from a slim checkpoint: the backbone built from its weights must be the one it names."""
+        ref = checkpoint.get("backbone_ref")
+        if ref:
+            self.check_backbone_ref(ref)
+            state = checkpoint["state_dict"]
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+
+    def check_backbone_ref(self, ref: dict[str, Any]) -> None:
+        """Raise UserError unless this backbone was built from the weights file the checkpoint names."""
+        if ref.get("sha256") != self.weights_sha256:
+            raise UserError(
+                f"The checkpoint's backbone is {ref.get('name')} with weights {ref.get('weights')} of SHA-256 "
+                f"{str(ref.get('sha256'))[:16]}…, but the weights found now hash to {str(self.weights_sha256)[:16]}…: "
+                "not the same file. Restore that weights file (or pass its path as model.backbone.weights)."
+            )
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and frozen parameter counts."""

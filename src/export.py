@@ -1,0 +1,102 @@
+"""Export a checkpoint: ``python -m src.export ckpt_path=... format=onnx|torchscript``.
+
+Writes model.onnx or model.pt (input: a normalized N×3×H×W batch, N dynamic; output: log-probabilities),
+labels.txt and export.json (the check against PyTorch) into its output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from src.inference.checkpoint import model_from_checkpoint, read_checkpoint
+from src.utils.cli import report_user_errors
+from src.utils.errors import ConfigError, UserError
+from src.utils.io import write_json
+
+log = logging.getLogger("src.export")
+
+
+class InferenceNet(torch.nn.Module):
+    """Backbone and head as a plain module: what runtimes need, without Lightning's trainer plumbing."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["log_probs"],
+        dynamic_shapes={"x": {0: batch}},
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,  # one self-contained file
+    )
+
+
+def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    if cfg.format not in ("onnx", "torchscript"):
+        raise ConfigError(f"format={cfg.format!r}: choose onnx or torchscript.")
+    classes = list(read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["class_names"])
+    trained = model_from_checkpoint(cfg.ckpt_path, "cpu")
+    model = InferenceNet(trained.backbone.to(memory_format=torch.contiguous_format), trained.head).eval()
+    out_dir = Path(cfg.paths.output_dir)
+    size = int(cfg.image_size)
+    torch.manual_seed(0)
+    example, check = torch.randn(2, 3, size, size), torch.randn(5, 3, size, size)  # two batch sizes: N is dynamic
+    with torch.inference_mode():
+        expected = model(check)
+    if cfg.format == "onnx":
+        path = out_dir / "model.onnx"
+        export_onnx(model, example, path, int(cfg.opset))
+        got = run_onnx(path, check)
+    else:
+        path = out_dir / "model.pt"
+        with torch.no_grad():
+            scripted = torch.jit.trace(model, example)
+        scripted.save(str(path))
+        with torch.inference_mode():
+            got = torch.jit.load(str(path))(check)
+    diff = float((got - expected).abs().max())
+    (out_dir / "labels.txt").write_text("\n".join(classes) + "\n")
+    write_json(
+        out_dir / "export.json",
+        {
+            "format": cfg.format,
+            "file": path.name,
+            "input": f"N x 3 x {size} x {size}",
+            "output": "log-probabilities N x classes",
+            "classes": classes,
+            "max_abs_diff_vs_pytorch": diff,
+            "tolerance": float(cfg.tolerance),
+        },
+    )
+    if not diff <= float(cfg.tolerance):
+        raise UserError(f"Exported {cfg.format} outputs differ from PyTorch's by {diff:.2e} > {cfg.tolerance}.")
+    log.info("Exported %s (max |diff| vs PyTorch %.2e on a batch of 5) and labels.txt to %s", path.name, diff, out_dir)
+
+
+if __name__ == "__main__":
+    main()

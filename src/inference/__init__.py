@@ -1,0 +1,1 @@
+"""Using a trained checkpoint on its own: safe loading, evaluation, prediction, export."""

@@ -1,0 +1,91 @@
+"""Predict new images: ``python -m src.predict ckpt_path=... input=<image file or folder>``.
+
+Writes predictions.csv (path, predicted class, probability, top-k, error) into its output folder and prints
+a short table. Unreadable files get a row with their error; the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from src.data.images import load_rgb
+from src.inference.checkpoint import eval_transform, model_from_checkpoint, read_checkpoint
+from src.utils.cli import pick_device, report_user_errors
+from src.utils.errors import UserError
+
+log = logging.getLogger("src.predict")
+
+
+def image_files(path: Path) -> list[Path]:
+    """``path`` itself, or every file under it with an image extension, sorted."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"input {path} does not exist.")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise UserError(f"No image files ({', '.join(IMG_EXTENSIONS)}) under {path}.")
+    return files
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    hparams = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]
+    classes = list(hparams["class_names"])
+    transform = eval_transform(hparams)
+    device = pick_device(cfg.device)
+    model = model_from_checkpoint(cfg.ckpt_path, device)
+    k = min(int(cfg.top_k), len(classes))
+    rows: list[dict[str, str]] = []
+    files = image_files(Path(cfg.input))
+    for start in range(0, len(files), int(cfg.batch_size)):
+        batch, paths = [], []
+        for path in files[start : start + int(cfg.batch_size)]:
+            try:
+                batch.append(transform(load_rgb(path, cfg.decode_min_side)))
+                paths.append(path)
+            except Exception as err:  # unreadable, truncated, not an image: report it and go on
+                rows.append({"path": str(path), "error": f"{type(err).__name__}: {err}"})
+        if not batch:
+            continue
+        with torch.inference_mode():
+            probs = model(torch.stack(batch).to(device)).float().exp().cpu()  # LogSoftmax out: exp sums to 1
+        top_p, top_i = probs.topk(k, dim=1)
+        for path, p, i in zip(paths, top_p, top_i, strict=True):
+            rows.append(
+                {
+                    "path": str(path),
+                    "predicted": classes[int(i[0])],
+                    "probability": f"{float(p[0]):.6f}",
+                    "top_k": "; ".join(f"{classes[int(c)]}:{float(q):.6f}" for q, c in zip(p, i, strict=True)),
+                    "error": "",
+                }
+            )
+    rows.sort(key=lambda r: r["path"])
+    out = Path(cfg.paths.output_dir) / "predictions.csv"
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "predicted", "probability", "top_k", "error"], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    errors = sum(1 for r in rows if r.get("error"))
+    table = [f"{'file':40} {'predicted':16} {'prob':>7}"]
+    for r in rows[: int(cfg.print_rows)]:
+        name = Path(r["path"]).name[:40]
+        table.append(
+            f"{name:40} {'ERROR: ' + r['error'][:60]}"
+            if r.get("error")
+            else f"{name:40} {r['predicted'][:16]:16} {float(r['probability']):7.3f}"
+        )
+    log.info("Predictions (%d images, %d unreadable) -> %s\n%s", len(rows), errors, out, "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Entry-point helpers: user errors become one clear message and exit status 1, not a traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from src.utils.errors import UserError
+
+log = logging.getLogger("src")
+
+
+def user_error_in(exc: BaseException | None) -> UserError | None:
+    """The UserError behind ``exc``, unwrapping Hydra's InstantiationException; None if there is none."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a Hydra task: a UserError is logged alone and exits 1 (in a sweep, only that job fails)."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: Any) -> Any:
+        try:
+            return task(cfg)
+        except Exception as exc:
+            err = user_error_in(exc)
+            if err is None:
+                raise
+            log.error("%s", err)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise err from None  # the sweep records this job as failed and goes on with the others
+            sys.exit(1)
+
+    return wrapper
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; or a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

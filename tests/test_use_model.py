@@ -1,0 +1,190 @@
+"""A trained checkpoint on its own: eval, predict, export, slim checkpoints, refusing unsafe files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from src.data.images import load_rgb
+from src.inference.checkpoint import UnsafeCheckpointError, eval_transform, model_from_checkpoint, read_checkpoint
+from src.utils.errors import UserError
+from tests.conftest import REPO, make_imagefolder, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """lite0 (packaged weights, so checkpoints are slim) trained 1 epoch on a tiny set with a test split."""
+    tmp = tmp_path_factory.mktemp("use")
+    data = make_imagefolder(tmp / "data", per_split={"train": 6, "val": 4, "test": 3}, size=(80, 60))
+    proc = run_cli(
+        "experiment=lite0_fe", f"data.root={data}", "trainer.max_epochs=1", f"hydra.run.dir={tmp / 'run'}", scratch=tmp
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    return {"tmp": tmp, "data": data, "summary": summary, "ckpt": summary["best_checkpoint"]}
+
+
+def test_train_evaluates_the_best_checkpoint_on_test(trained):
+    test = trained["summary"]["test"]
+    assert test["samples"] == 6 and 0.0 <= test["accuracy"] <= 1.0
+
+
+def test_eval_metrics_equal_a_direct_computation(trained):
+    out = trained["tmp"] / "eval"
+    proc = run_module(
+        "src.eval", f"ckpt_path={trained['ckpt']}", f"data.root={trained['data']}", "split=val", f"hydra.run.dir={out}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = model_from_checkpoint(trained["ckpt"])
+    tf = eval_transform(read_checkpoint(trained["ckpt"])["hyper_parameters"])
+    files = sorted((trained["data"] / "val").glob("*/*.png"))
+    labels = torch.tensor([0 if f.parent.name == "ants" else 1 for f in files])
+    with torch.inference_mode():
+        log_probs = model(torch.stack([tf(load_rgb(f)) for f in files]))
+    pred = log_probs.argmax(1)
+    assert metrics["samples"] == len(files) == 8
+    assert metrics["accuracy"] == pytest.approx((pred == labels).float().mean().item(), abs=1e-6)
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.nll_loss(log_probs, labels).item(), abs=1e-5)
+    for c, name in enumerate(["ants", "bees"]):
+        tp = int(((pred == c) & (labels == c)).sum())
+        p_den, r_den = int((pred == c).sum()), int((labels == c).sum())
+        per = metrics["per_class"][name]
+        assert per["support"] == r_den
+        assert per["precision"] == pytest.approx(tp / p_den if p_den else 0.0, abs=1e-6)
+        assert per["recall"] == pytest.approx(tp / r_den, abs=1e-6)
+    cm = metrics["confusion_matrix"]
+    assert sum(map(sum, cm)) == 8 and [sum(row) for row in cm] == [4, 4]
+    with open(out / "confusion_matrix.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["true \\ predicted", "ants", "bees"] and [int(x) for x in rows[1][1:]] == cm[0]
+    assert Image.open(out / "confusion_matrix.png").size[0] > 100
+    assert list((out / "tensorboard").glob("events.out.tfevents*"))
+
+
+def odd_images(folder: Path, source: Path) -> None:
+    im = Image.open(source).convert("RGB").resize((120, 90))
+    im.save(folder / "rgb.jpg")
+    im.convert("L").save(folder / "gray.png")
+    im.convert("RGBA").save(folder / "rgba.png")
+    im.convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(folder / "rotated.jpg", exif=exif)
+    (folder / "broken.jpg").write_bytes((folder / "rgb.jpg").read_bytes()[:200])
+
+
+def test_predict_rows_for_every_file_and_errors_for_broken_ones(trained):
+    folder = trained["tmp"] / "inputs"
+    folder.mkdir()
+    odd_images(folder, next((trained["data"] / "val" / "bees").iterdir()))
+    out = trained["tmp"] / "predict"
+    proc = run_module(
+        "src.predict", f"ckpt_path={trained['ckpt']}", f"input={folder}", "top_k=2", f"hydra.run.dir={out}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "predictions.csv") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert len(rows) == 6
+    assert [n for n, r in rows.items() if r["error"]] == ["broken.jpg"]
+    model = model_from_checkpoint(trained["ckpt"])
+    tf = eval_transform(read_checkpoint(trained["ckpt"])["hyper_parameters"])
+    for name, row in rows.items():
+        if row["error"]:
+            continue
+        with torch.inference_mode():
+            probs = model(tf(load_rgb(folder / name)).unsqueeze(0)).exp()[0]
+        assert row["predicted"] == ["ants", "bees"][int(probs.argmax())]
+        assert float(row["probability"]) == pytest.approx(float(probs.max()), abs=1e-5)
+        top = [float(part.split(":")[1]) for part in row["top_k"].split("; ")]
+        assert sum(top) == pytest.approx(1.0, abs=1e-5)  # k = all classes: probabilities sum to 1
+    assert load_rgb(folder / "rotated.jpg").size == (90, 120)  # EXIF orientation applied
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(trained, fmt):
+    out = trained["tmp"] / f"export-{fmt}"
+    proc = run_module("src.export", f"ckpt_path={trained['ckpt']}", f"format={fmt}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "labels.txt").read_text().split() == ["ants", "bees"]
+    model = model_from_checkpoint(trained["ckpt"])
+    x = torch.randn(3, 3, 224, 224)  # a batch size the export never saw
+    with torch.inference_mode():
+        expected = model(x)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    else:
+        with torch.inference_mode():
+            got = torch.jit.load(str(out / "model.pt"))(x)
+    assert got.shape == (3, 2)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_slim_checkpoint_reproduces_the_full_one(trained, tmp_path):
+    slim_path = Path(trained["ckpt"])
+    slim = torch.load(slim_path, map_location="cpu", weights_only=True)
+    assert "backbone_ref" in slim and not any(k.startswith("backbone.") for k in slim["state_dict"])
+    model = model_from_checkpoint(slim_path)
+    full = dict(slim, state_dict=model.state_dict())
+    del full["backbone_ref"]
+    full_path = tmp_path / "full.ckpt"
+    torch.save(full, full_path)
+    assert full_path.stat().st_size > 4 * slim_path.stat().st_size
+    x = torch.randn(4, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(model_from_checkpoint(full_path)(x), model(x))
+    tampered = dict(slim, backbone_ref=dict(slim["backbone_ref"], sha256="0" * 64))
+    torch.save(tampered, tmp_path / "tampered.ckpt")
+    with pytest.raises(UserError, match="not the same file"):
+        model_from_checkpoint(tmp_path / "tampered.ckpt")
+
+
+class Evil:
+    def __init__(self, sentinel: str) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_unrun(trained, tmp_path):
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Evil(str(sentinel))}}, evil)
+    proc = run_module(
+        "src.predict", f"ckpt_path={evil}", f"input={trained['data'] / 'val'}", f"hydra.run.dir={tmp_path / 'out'}"
+    )
+    assert proc.returncode == 1
+    assert "Refusing" in proc.stdout + proc.stderr and "system" in proc.stdout + proc.stderr
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"_instantiator": "lightning.pytorch.cli.instantiate_module"},
+        {"preprocessing": {"eval_transforms": [{"_target_": "os.system", "command": "true"}]}},
+    ],
+)
+def test_hyperparameters_naming_code_are_refused(tmp_path, hparams):
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": hparams}, path)
+    with pytest.raises(UnsafeCheckpointError, match="Refusing"):
+        read_checkpoint(path)

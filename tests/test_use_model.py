@@ -188,3 +188,20 @@ def test_hyperparameters_naming_code_are_refused(tmp_path, hparams):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": hparams}, path)
     with pytest.raises(UnsafeCheckpointError, match="Refusing"):
         read_checkpoint(path)
+
+
+def test_a_run_resumes_from_its_slim_checkpoint(trained):
+    run_dir = trained["tmp"] / "run"
+    proc = run_cli(
+        "experiment=lite0_fe",
+        f"data.root={trained['data']}",
+        "trainer.max_epochs=2",
+        "ckpt_path=last",
+        f"hydra.run.dir={run_dir}",
+        scratch=trained["tmp"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and "backbone_ref" in last

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from src.data.datamodule import sampler_epoch
 from src.data.features import FeatureSet, ViewSampler
 from src.utils.errors import ConfigError
 from src.utils.tensor_store import load_tensors, save_tensors, tensors_digest
@@ -75,7 +76,12 @@ class FeatureCache(Callback):
         if self.train_views > 0:
             n = len(dm.datasets["train"])
             self.sets["train"] = FeatureSet(self.train_views * n)
-            dm.use_features("train", self.sets["train"], dm.batch_size, ViewSampler(n, self.train_views, self.seed))
+            dm.use_features(
+                "train",
+                self.sets["train"],
+                dm.batch_size,
+                ViewSampler(n, self.train_views, self.seed, lambda: sampler_epoch(trainer)),
+            )
         pl_module.feature_inputs = set(self.sets)
         self.stats["used"] = True
 

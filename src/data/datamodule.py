@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -15,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from src.data.images import RGBLoader
+from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class ImageFolderDataModule(LightningDataModule):
         splits: dict[str, str] | None = None,
         prepare: Callable[[Path], None] | None = None,
         decode_min_side: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if root is None or str(root) == "":
@@ -67,6 +70,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prepare = prepare
+        self.seed = seed  # set: shuffling and augmentation follow (seed, epoch, index) — resumable exactly
         self.loader = RGBLoader(decode_min_side)
         self.mean, self.std = list(mean), list(std)
         normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
@@ -143,14 +147,26 @@ class ImageFolderDataModule(LightningDataModule):
         if split in self.feature_sets:
             dataset, sampler, batch_size = self.feature_sets[split]
             return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None)
+        dataset, sampler, generator = self.datasets[split], None, None
+        if self.seed is not None:
+            # own generator: creating the loader draws nothing from the global RNG (dropout's)
+            generator = torch.Generator().manual_seed(self.seed)
+            if shuffle:
+                dataset = SeededItems(dataset, self.seed)
+                sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
         )
+
+    def _trainer_epoch(self) -> int:
+        return sampler_epoch(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -179,3 +195,11 @@ def check_same_classes(classes: dict[str, list[str]]) -> None:
             f"Class folders differ between train and {split}: only in train: {only_train or 'none'}; "
             f"only in {split}: {only_here or 'none'}. Every split needs the same class folders."
         )
+
+
+def sampler_epoch(trainer: Any) -> int:
+    """The epoch Lightning's samplers are meant to see (what it passes to ``set_epoch``), 0 without a trainer.
+
+    ``trainer.current_epoch`` lags by one when a run resumes from a checkpoint saved at an epoch's end.
+    """
+    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0

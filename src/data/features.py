@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -42,9 +42,12 @@ class ViewSampler(Sampler[int]):
     ``set_epoch`` before every training epoch.
     """
 
-    def __init__(self, num_images: int, num_views: int, seed: int) -> None:
+    def __init__(
+        self, num_images: int, num_views: int, seed: int, epoch_source: Callable[[], int] | None = None
+    ) -> None:
         self.num_images, self.num_views, self.seed = num_images, num_views, seed
         self.epoch = 0
+        self.epoch_source = epoch_source  # the trainer's epoch: right even before Lightning calls set_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -53,7 +56,8 @@ class ViewSampler(Sampler[int]):
         return self.num_images
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        epoch = self.epoch_source() if self.epoch_source is not None else self.epoch
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.num_images, generator=g)
         views = torch.randint(self.num_views, (self.num_images,), generator=g)
         return iter((views[order] * self.num_images + order).tolist())

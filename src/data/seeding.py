@@ -1,0 +1,68 @@
+"""Reproducible training data: shuffling and augmentation depend only on (seed, epoch, index).
+
+A run killed mid-epoch and resumed from its last checkpoint then replays that epoch exactly: worker
+processes, their start order and how many epochs they have served play no part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so nearby (seed, epoch, index) give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (index, epoch): a permutation seeded by (seed, epoch).
+
+    ``epoch_source`` (the trainer's current epoch) wins over ``set_epoch``: Lightning creates the first
+    iterator of a fit before it calls ``set_epoch``, which would replay epoch 0 in a resumed run.
+    """
+
+    def __init__(
+        self, size: int, seed: int, shuffle: bool = True, epoch_source: Callable[[], int] | None = None
+    ) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.epoch_source = epoch_source
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def current_epoch(self) -> int:
+        return self.epoch_source() if self.epoch_source is not None else self.epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.current_epoch()
+        order = range(self.size)
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix(self.seed, epoch))).tolist()
+        return ((i, epoch) for i in order)
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so item (index, epoch) is transformed under the torch seed mix(seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix(self.seed, epoch, index))
+            return self.dataset[index]

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.models.backbones import normalization
 from src.utils.cli import report_user_errors
 from src.utils.config import save_config
-from src.utils.io import write_json
+from src.utils.io import atomic_write, write_json
 from src.utils.precision import fastest_precision
 
 log = logging.getLogger("src.train")
@@ -57,6 +57,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
+    write_skipped_files(output_dir, datamodule.skipped)
     # model.finetune and model.cache configure callbacks, not the module
     model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
     preprocessing = {  # what inference needs, recorded in every checkpoint
@@ -87,8 +88,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     wall_s = time.perf_counter() - start
 
     summary = run_summary(trainer, model, datamodule.classes, wall_s)
+    summary["skipped_files"] = len(datamodule.skipped)
     if datamodule.has_split("test") and summary["best_checkpoint"]:
-        summary["test"] = test_best_checkpoint(summary["best_checkpoint"], datamodule)
+        summary["test"] = evaluate_on_test(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
     log.info(
         "Best val loss %.4f (val acc %.4f, epoch %s) in %.1f s; outputs in %s",
@@ -101,7 +103,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def test_best_checkpoint(path: str, datamodule: Any) -> dict[str, Any]:
+def write_skipped_files(output_dir: Path, skipped: list[tuple[str, str, str]]) -> None:
+    """skipped_files.csv: split, path and reason of every image the preflight left out (header only if none)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["split", "path", "reason"])
+    writer.writerows(skipped)
+    atomic_write(output_dir / "skipped_files.csv", lambda f: f.write(buf.getvalue()))
+
+
+def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
     """The best checkpoint's metrics on the dataset's test split, loaded the way a user loads it."""
     from src.inference.checkpoint import model_from_checkpoint
     from src.inference.evaluate import evaluate_split

@@ -16,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from src.data.images import RGBLoader
+from src.data.preflight import scan
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
 
@@ -54,6 +55,9 @@ class ImageFolderDataModule(LightningDataModule):
         prepare: Callable[[Path], None] | None = None,
         decode_min_side: int | None = None,
         seed: int | None = None,
+        bad_files: str = "skip",
+        max_bad_fraction: float = 0.05,
+        preflight_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if root is None or str(root) == "":
@@ -71,6 +75,11 @@ class ImageFolderDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prepare = prepare
         self.seed = seed  # set: shuffling and augmentation follow (seed, epoch, index) — resumable exactly
+        if bad_files not in ("skip", "error"):
+            raise ConfigError(f"data.bad_files must be skip or error, got {bad_files!r}.")
+        self.bad_files, self.max_bad_fraction = bad_files, float(max_bad_fraction)
+        self.preflight_cache_dir = preflight_cache_dir
+        self.skipped: list[tuple[str, str, str]] = []  # (split, path, reason) of files left out by preflight
         self.loader = RGBLoader(decode_min_side)
         self.mean, self.std = list(mean), list(std)
         normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
@@ -119,9 +128,32 @@ class ImageFolderDataModule(LightningDataModule):
                 self.datasets[split] = ImageFolder(str(self.split_dir(split)), transform, loader=self.loader)
             except FileNotFoundError as err:
                 raise DatasetError(f"{self.split_dir(split)}: {err}") from None
+        self.preflight()
         self.classes = list(self.datasets["train"].classes)
         counts = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
         log.info("Dataset %s: %d classes %s; images %s", self.root, len(self.classes), self.classes, counts)
+
+    def preflight(self) -> None:
+        """Decode every image once; skip the bad ones (listed in ``skipped``) or stop, per ``bad_files``."""
+        paths = [p for ds in self.datasets.values() for p, _ in ds.samples]
+        bad = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
+        if not bad:
+            return
+        self.skipped = [(split, p, bad[p]) for split, ds in self.datasets.items() for p, _ in ds.samples if p in bad]
+        listing = "\n".join(f"  {split}: {p}: {reason}" for split, p, reason in self.skipped[:50])
+        more = f"\n  ... and {len(self.skipped) - 50} more" if len(self.skipped) > 50 else ""
+        fraction = len(bad) / len(paths)
+        if self.bad_files == "error" or fraction > self.max_bad_fraction:
+            why = (
+                "data.bad_files=error"
+                if self.bad_files == "error"
+                else f"{fraction:.1%} of the images, above data.max_bad_fraction={self.max_bad_fraction:.0%}"
+            )
+            raise DatasetError(f"{len(bad)} unusable image files ({why}); nothing was trained:\n{listing}{more}")
+        for ds in self.datasets.values():
+            ds.samples = [(p, c) for p, c in ds.samples if p not in bad]
+            ds.imgs, ds.targets = ds.samples, [c for _, c in ds.samples]
+        log.warning("Skipping %d unusable image files (%.1f%%):\n%s%s", len(bad), 100 * fraction, listing, more)
 
     # ------------------------------------------------------------------------------------------ loaders
 

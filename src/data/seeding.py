@@ -63,6 +63,10 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix(self.seed, epoch, index))
+        generator = torch.default_generator  # the CPU generator the transforms draw from
+        state = generator.get_state()
+        generator.manual_seed(mix(self.seed, epoch, index))
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(state)

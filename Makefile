@@ -38,7 +38,7 @@ sweep: $(STAMP) ## the README's lr x dropout sweep; ARGS adds overrides (e.g. da
 	$(PY) -m src.train -m experiment=lite0_fe model.optimizer.lr=0.001,0.01 model.head.dropout=0.2,0.4 $(ARGS)
 
 clean: ## remove run outputs, caches and generated data (not .venv)
-	rm -rf logs/train .cache data/synthetic_shapes .pytest_cache .ruff_cache
+	rm -rf logs/train logs/eval logs/predict logs/export .cache data/synthetic_shapes .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -exec rm -rf {} +
 
 bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes docs/benchmarks.md (DATA=... to change)

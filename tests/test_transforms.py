@@ -44,7 +44,9 @@ def test_eval_transforms_are_the_recipe(data_cfg):
 
 
 def test_datamodule_appends_totensor_and_the_backbones_normalization(data_cfg, tiny_data):
-    dm = instantiate(data_cfg, root=str(tiny_data), mean=[0.5] * 3, std=[0.5] * 3, _convert_="all")
+    dm = instantiate(
+        data_cfg, root=str(tiny_data), mean=[0.5] * 3, std=[0.5] * 3, preflight_cache_dir=None, _convert_="all"
+    )
     last_two = dm.train_transform.transforms[-2:]
     assert isinstance(last_two[0], T.ToTensor) and isinstance(last_two[1], T.Normalize)
     assert last_two[1].mean == [0.5] * 3 and last_two[1].std == [0.5] * 3

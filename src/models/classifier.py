@@ -112,6 +112,12 @@ class TransferClassifier(LightningModule):
         x, y = batch
         log_probs = self.head(x) if stage in self.feature_inputs else self(x)
         loss = self.criterion(log_probs, y)
+        if stage == "train" and not torch.isfinite(loss):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else None
+            raise UserError(
+                f"The training loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step}: "
+                f"training diverged. Lower model.optimizer.lr (the head's is {lr}) or check the data."
+            )
         loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         loss_metric.update(loss.detach(), weight=y.numel())
         acc_metric.update(log_probs.detach(), y)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.models.backbones import normalization
 from src.utils.cli import report_user_errors
 from src.utils.config import save_config
+from src.utils.errors import UserError
 from src.utils.io import atomic_write, write_json
 from src.utils.precision import fastest_precision
 
@@ -84,7 +85,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_s = time.perf_counter() - start
 
     summary = run_summary(trainer, model, datamodule.classes, wall_s)
@@ -101,6 +103,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     return summary
+
+
+def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """The checkpoint to resume from, checked before training: never a silent start from scratch.
+
+    ``last`` means this run folder's checkpoints/last.ckpt. A missing or unreadable file is a UserError
+    naming it and, for a corrupt one, the newest readable checkpoint beside it.
+    """
+    if ckpt_path is None:
+        return None
+    import torch
+
+    path = checkpoint_dir / "last.ckpt" if str(ckpt_path) == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(
+            f"Cannot resume: {path} does not exist. Resume a run in its own folder: "
+            "hydra.run.dir=logs/train/runs/<date_time> ckpt_path=last (with the run's other overrides)."
+        )
+
+    def readable(p: Path) -> bool:
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+            return True
+        except Exception:
+            return False
+
+    if not readable(path):
+        others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
+        good = next((p for p in reversed(others) if readable(p)), None)
+        hint = (
+            f"The newest readable checkpoint there is {good}: resume with ckpt_path={good}"
+            if good
+            else ("No other readable checkpoint is there.")
+        )
+        raise UserError(f"Cannot resume: {path} is corrupt or truncated. {hint}")
+    return str(path)
 
 
 def write_skipped_files(output_dir: Path, skipped: list[tuple[str, str, str]]) -> None:

@@ -69,3 +69,21 @@ def test_epoch_sampler_follows_its_epoch_source():
     assert list(sampler) == first
     epoch["now"] = 4
     assert list(sampler) != first
+
+
+@pytest.mark.slow
+def test_resume_from_a_corrupt_or_missing_last_ckpt_is_a_clear_error(tmp_path):
+    data = make_imagefolder(tmp_path / "data", per_split={"train": 8, "val": 4})
+    run_dir = tmp_path / "run"
+    args = ["experiment=lite0_fe", f"data.root={data}", f"hydra.run.dir={run_dir}"]
+    missing = run_cli(*args, "ckpt_path=last", scratch=tmp_path)
+    assert missing.returncode == 1 and "Cannot resume" in missing.stdout + missing.stderr
+    assert not (run_dir / "summary.json").exists()  # no silent start from scratch
+    first = run_cli(*args, "trainer.max_epochs=2", scratch=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    proc = run_cli(*args, "trainer.max_epochs=3", "ckpt_path=last", scratch=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert f"{last} is corrupt" in out and "epoch_" in out and "Traceback" not in out

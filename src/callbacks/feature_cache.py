@@ -67,7 +67,7 @@ class FeatureCache(Callback):
         self.sets: dict[str, FeatureSet] = {}
         if stage != "fit" or not self.enabled:
             return
-        if not backbone_frozen_throughout(trainer, pl_module):
+        if not pl_module.backbone_stays_frozen():
             log.info("Feature cache not used: the backbone trains in this run")
             return
         dm = trainer.datamodule
@@ -174,17 +174,3 @@ def embed(pl_module: LightningModule, loader: Any, forward_context: Any) -> tupl
             feats.append(pl_module.features(x.to(pl_module.device, non_blocking=True)).cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)
-
-
-def backbone_frozen_throughout(trainer: Trainer, pl_module: LightningModule) -> bool:
-    """True when a finetuning callback freezes the backbone and none will unfreeze any of it later.
-
-    Called at set-up, when callbacks may not have frozen anything yet: their declared intent decides,
-    or, with no finetuning callback at all, whether the backbone is frozen already.
-    """
-    from lightning.pytorch.callbacks import BaseFinetuning
-
-    finetuners = [c for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
-    if not finetuners:
-        return pl_module.backbone_is_frozen()
-    return all(getattr(c, "keeps_backbone_frozen", False) for c in finetuners)

@@ -70,6 +70,19 @@ class TransferClassifier(LightningModule):
         """True when no backbone parameter trains (feature extraction)."""
         return not any(p.requires_grad for p in self.backbone.parameters())
 
+    def backbone_stays_frozen(self) -> bool:
+        """True when the backbone is frozen for the whole run: feature cache and slim checkpoints rely on it.
+
+        Finetuning callbacks declare it (``keeps_backbone_frozen``) — they may not have frozen anything yet at
+        set-up; one that doesn't declare it counts as unfreezing. With none, the backbone's state now decides.
+        """
+        from lightning.pytorch.callbacks import BaseFinetuning
+
+        finetuners = [c for c in self._trainer.callbacks if isinstance(c, BaseFinetuning)] if self._trainer else []
+        if not finetuners:
+            return self.backbone_is_frozen()
+        return all(getattr(c, "keeps_backbone_frozen", False) for c in finetuners)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; without autograd when the backbone is frozen."""
         if self.channels_last:
@@ -161,11 +174,7 @@ class TransferClassifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Slim checkpoints: drop the frozen backbone, keep the reference that rebuilds it."""
-        trainer = self._trainer
-        unfreezes_later = trainer is not None and any(
-            getattr(c, "keeps_backbone_frozen", True) is False for c in trainer.callbacks
-        )
-        if self.hparams.slim_checkpoint and self.weights_sha256 and self.backbone_is_frozen() and not unfreezes_later:
+        if self.hparams.slim_checkpoint and self.weights_sha256 and self.backbone_stays_frozen():
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
             }

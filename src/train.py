@@ -116,6 +116,9 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
     import torch
 
     path = checkpoint_dir / "last.ckpt" if str(ckpt_path) == "last" else Path(ckpt_path)
+    for orphan in path.parent.glob(".*.ckpt.*.tmp"):  # a write cut short by a kill; the old file is whole
+        log.info("Removing %s, a checkpoint write that was interrupted", orphan)
+        orphan.unlink(missing_ok=True)
     if not path.is_file():
         raise UserError(
             f"Cannot resume: {path} does not exist. Resume a run in its own folder: "

@@ -1,64 +1,144 @@
-"""A run killed with SIGKILL and resumed from last.ckpt ends exactly where an uninterrupted run ends."""
+"""Runs killed (SIGKILL, also mid checkpoint write) or preempted (SIGTERM) and resumed end where an
+uninterrupted run ends."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from src.data.resumable import ResumableLoader, SkippingSampler
 from src.data.seeding import EpochSampler
 from tests.conftest import REPO, make_imagefolder, run_cli
 
+# 32 training images in batches of 4 = 8 steps per epoch; fresh augmentation every epoch (no train cache),
+# so shuffling, augmentation and dropout must all replay; full checkpoints (16 MB) so writes take a while
+ARGS = [
+    "experiment=lite0_fe",
+    "trainer.max_epochs=5",
+    "seed=7",
+    "data.batch_size=4",
+    "model.cache.train_views=0",
+    "model.slim_checkpoint=false",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, run dir) of the uninterrupted run everything here is compared with."""
+    tmp = tmp_path_factory.mktemp("reference")
+    data = make_imagefolder(tmp / "data", per_split={"train": 16, "val": 6}, size=(96, 72))
+    proc = run_cli(*ARGS, f"data.root={data}", f"hydra.run.dir={tmp / 'run'}", scratch=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, tmp / "run"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same per-epoch losses (1e-6) and the same final head weights."""
+    ha = json.loads((a / "summary.json").read_text())["history"]
+    hb = json.loads((b / "summary.json").read_text())["history"]
+    assert [h["epoch"] for h in hb] == [h["epoch"] for h in ha] == [1, 2, 3, 4, 5]
+    for x, y in zip(ha, hb, strict=True):
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+            assert abs(x[key] - y[key]) <= 1e-6, (x["epoch"], key, x[key], y[key])
+    wa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+def start_run(data: Path, run_dir: Path, scratch: Path, log: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "src.train", *ARGS, f"data.root={data}", f"hydra.run.dir={run_dir}"]
+    cmd += [f"paths.cache_dir={scratch / 'cache'}", *extra]
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc: subprocess.Popen, poll: float, timeout: float = 300) -> bool:
+    """Poll ``condition`` until it holds (True) or the process ends or time runs out (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(poll)
+    return False
+
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
-    data = make_imagefolder(tmp_path / "data", per_split={"train": 16, "val": 6}, size=(96, 72))
-    # fresh augmentation every epoch (no train cache): shuffling, augmentation and dropout must all replay
-    args = [
-        "experiment=lite0_fe",
-        f"data.root={data}",
-        "trainer.max_epochs=5",
-        "seed=7",
-        "data.batch_size=8",
-        "model.cache.train_views=0",
-    ]
-    straight = run_cli(*args, f"hydra.run.dir={tmp_path / 'straight'}", scratch=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+def test_ten_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matches(reference, tmp_path):
+    data, straight = reference
+    run_dir, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    rng = random.Random(2026)
+    landed = []
+    for k in range(10):
+        resume = ["ckpt_path=last"] if (ckpts / "last.ckpt").exists() else []
+        log = tmp_path / f"attempt{k}.log"
+        proc = start_run(data, run_dir, tmp_path, log, *resume)
+        if k % 2:  # during a checkpoint write: the moment a temp file appears beside last.ckpt
+            hit = wait_for(lambda: any(ckpts.glob(".*.tmp")), proc, poll=0.0005)
+            where = "checkpoint write"
+        else:  # during training: a random moment after the first training step of this attempt
+            hit = wait_for(lambda: "Epoch " in log.read_text(errors="replace"), proc, poll=0.01)
+            time.sleep(rng.uniform(0.0, 1.5))
+            where = "training"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert hit and proc.returncode == -signal.SIGKILL, f"attempt {k}: the run ended before the kill"
+        landed.append(where)
+    assert not (run_dir / "summary.json").exists()
+    assert landed.count("checkpoint write") == 5 and landed.count("training") == 5
 
-    killed_dir = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "src.train",
-        *args,
-        f"hydra.run.dir={killed_dir}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (killed_dir / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the next epoch
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "summary.json").exists(), "inconclusive: the run finished before the kill"
+    final = run_cli(*ARGS, f"data.root={data}", f"hydra.run.dir={run_dir}", "ckpt_path=last", scratch=tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert_same_run(straight, run_dir)
+    assert not list(ckpts.glob(".*.tmp")), "interrupted writes are cleaned up on resume"
 
-    resumed = run_cli(*args, f"hydra.run.dir={killed_dir}", "ckpt_path=last", scratch=tmp_path)
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_resumed_run_matches(reference, tmp_path):
+    data, straight = reference
+    run_dir = tmp_path / "preempted"
+    # a real SIGTERM to the training process after step 3 of 8 in epoch 2 (tests/signals.py)
+    signal_at = ["+callbacks.signal_at._target_=tests.signals.SignalAt", "+callbacks.signal_at.epoch=1"]
+    signal_at.append("+callbacks.signal_at.batch=2")
+    args = [*ARGS, f"data.root={data}", f"hydra.run.dir={run_dir}"]
+    stopped = run_cli(*args, *signal_at, scratch=tmp_path)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM: saved" in stopped.stdout + stopped.stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    fit = ckpt["loops"]["fit_loop"]
+    assert fit["epoch_progress"]["current"]["completed"] == 1  # one epoch done ...
+    assert fit["epoch_loop.batch_progress"]["current"]["completed"] == 3  # ... and 3 steps of the next
+    assert fit["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 3}]
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)  # flushed
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = run_cli(*args, "ckpt_path=last", scratch=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    b = json.loads((killed_dir / "summary.json").read_text())
-    assert [h["epoch"] for h in b["history"]] == [1, 2, 3, 4, 5]
-    for x, y in zip(a["history"], b["history"], strict=True):
-        assert abs(x["val/loss"] - y["val/loss"]) <= 1e-6 and abs(x["train/loss"] - y["train/loss"]) <= 1e-6
-    wa = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    wb = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    assert_same_run(straight, run_dir)
+
+
+def test_skipping_sampler_resumes_an_epoch_where_it_stopped():
+    epoch = {"now": 2}
+    inner = EpochSampler(10, seed=3, epoch_source=lambda: epoch["now"])
+    loader = ResumableLoader(
+        list(range(10)), batch_size=3, sampler=SkippingSampler(inner, lambda: epoch["now"]), progress=lambda: (2, 2)
+    )
+    full = [i for i, _ in inner]
+    assert loader.state_dict() == {"epoch": 2, "batches_done": 2}
+    loader.load_state_dict({"epoch": 2, "batches_done": 2})
+    assert [i for i, _ in loader.sampler] == full[6:]  # the epoch's last 4 items, once
+    assert [i for i, _ in loader.sampler] == full
+    loader.load_state_dict({"epoch": 1, "batches_done": 2})  # saved in another epoch: nothing to skip
+    assert [i for i, _ in loader.sampler] == full
 
 
 def test_epoch_sampler_follows_its_epoch_source():

@@ -20,6 +20,9 @@ class EpochSummary(Callback):
         self.history: list[dict[str, float]] = []
         self._epoch_start = 0.0
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start = time.perf_counter()  # a run resumed mid-epoch gets no on_train_epoch_start
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start = time.perf_counter()
 

@@ -3,7 +3,8 @@
 Lightning does not save RNG state. With data order and augmentation already tied to (seed, epoch, index)
 (src.data.seeding), what is left is the main process's global RNG — dropout masks in the head. Its state
 at the end of an epoch is saved with the checkpoint and put back when the next epoch starts after a
-resume, so the resumed epochs draw the very numbers the uninterrupted run drew.
+resume (or before the first batch of a run resumed mid-epoch), so the resumed epochs draw the very
+numbers the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class RNGState(Callback):
         self._pending = state_dict  # applied at the first epoch start: set-up draws random numbers too
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._restore()  # a run resumed mid-epoch (SIGTERM checkpoint) gets no on_train_epoch_start
+
+    def _restore(self) -> None:
         if self._pending is None:
             return
         state, self._pending = self._pending, None

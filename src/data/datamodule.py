@@ -17,6 +17,7 @@ from torchvision.datasets.folder import find_classes
 
 from src.data.images import RGBLoader
 from src.data.preflight import scan
+from src.data.resumable import ResumableLoader, SkippingSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
 
@@ -178,27 +179,38 @@ class ImageFolderDataModule(LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split in self.feature_sets:
             dataset, sampler, batch_size = self.feature_sets[split]
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None)
+            if sampler is not None:  # epoch-seeded: resumable mid-epoch
+                return self._resumable(dataset, sampler, batch_size=batch_size)
+            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
         dataset, sampler, generator = self.datasets[split], None, None
+        options: dict[str, Any] = {
+            "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
+        }
         if self.seed is not None:
             # own generator: creating the loader draws nothing from the global RNG (dropout's)
             generator = torch.Generator().manual_seed(self.seed)
             if shuffle:
-                dataset = SeededItems(dataset, self.seed)
                 sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+                return self._resumable(SeededItems(dataset, self.seed), sampler, generator=generator, **options)
+        return DataLoader(dataset, shuffle=shuffle, generator=generator, **options)
+
+    def _resumable(self, dataset: Dataset, sampler: Sampler, **options: Any) -> ResumableLoader:
+        """A loader Lightning resumes mid-epoch (a SIGTERM checkpoint) by skipping the batches already done."""
+        return ResumableLoader(
+            dataset, sampler=SkippingSampler(sampler, self._trainer_epoch), progress=self._progress, **options
         )
 
     def _trainer_epoch(self) -> int:
         return sampler_epoch(self.trainer)
+
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, training batches completed in it): the train loader's state in a checkpoint."""
+        if self.trainer is None:
+            return 0, 0
+        return sampler_epoch(self.trainer), self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.utils.errors import UserError
 
 log = logging.getLogger("src")
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 
 
 def user_error_in(exc: BaseException | None) -> UserError | None:
@@ -29,12 +31,16 @@ def user_error_in(exc: BaseException | None) -> UserError | None:
 
 
 def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Wrap a Hydra task: a UserError is logged alone and exits 1 (in a sweep, only that job fails)."""
+    """Wrap a Hydra task: a UserError is logged alone and exits 1 (in a sweep, only that job fails); SIGTERM exits 143."""
 
     @functools.wraps(task)
     def wrapper(cfg: Any) -> Any:
         try:
             return task(cfg)
+        except SIGTERMException:
+            # Lightning stopped training on SIGTERM (and a checkpoint was saved): say so with a failing status
+            log.error("Stopped by SIGTERM; exit status %d.", SIGTERM_EXIT)
+            sys.exit(SIGTERM_EXIT)
         except Exception as exc:
             err = user_error_in(exc)
             if err is None:

@@ -1,0 +1,95 @@
+"""Preemption: on SIGTERM, write last.ckpt where the run stands, so ``ckpt_path=last`` continues from there.
+
+Lightning's signal handler only raises a flag on SIGTERM; the training loop then stops at the next batch
+end with SIGTERMException, calls ``on_exception`` on every callback and finalizes the loggers (TensorBoard
+flushed). This callback writes the checkpoint in that hook. The train loader's state inside it
+(src.data.resumable) lets the resumed run skip the batches this epoch already trained on, and the
+half-accumulated torchmetrics states saved with it keep that epoch's train/loss and train/acc whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torchmetrics import Metric
+
+log = logging.getLogger(__name__)
+
+
+class SaveOnSigterm(Callback):
+    """Save ``<checkpoint dir>/last.ckpt`` (atomically, through the trainer's CheckpointIO) on SIGTERM."""
+
+    def __init__(self) -> None:
+        self._saving = False
+        self._deferred = False
+
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        # Lightning would stop here, mid-validation, and a resumed run would lose that epoch's metrics:
+        # hold the signal until validation ends (validation is short), then stop at the epoch's end,
+        # right after ModelCheckpoint has written last.ckpt. Lightning keeps the flag on its signal connector.
+        if trainer.training is False and trainer.state.fn == "fit" and trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False
+            self._deferred = True
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            trainer._signal_connector.received_sigterm = True
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+            return
+        ckpt = trainer.checkpoint_callback
+        if not isinstance(ckpt, ModelCheckpoint) or ckpt.dirpath is None:
+            log.error("SIGTERM received, but no ModelCheckpoint directory is configured: nothing was saved.")
+            return
+        if ckpt._last_global_step_saved == trainer.global_step:
+            # the signal came after this epoch's checkpoint: that last.ckpt is already the place to resume from
+            log.warning("SIGTERM: %s is current. Resume in this run folder with ckpt_path=last.", ckpt.last_model_path)
+            return
+        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST or 'last'}{ckpt.FILE_EXTENSION}"
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._saving = False
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        log.warning(
+            "SIGTERM: saved %s (epoch %d, %d batches into it). Resume in this run folder with ckpt_path=last.",
+            path,
+            trainer.current_epoch + 1,
+            batches,
+        )
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._saving:  # mid-epoch: the epoch's running metrics go with it
+            checkpoint["metric_states"] = metric_states(pl_module)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        load_metric_states(pl_module, checkpoint.get("metric_states", {}))
+
+
+def metric_states(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """{submodule name: {"update_count", "state"}} of every torchmetrics Metric that has seen updates."""
+    states = {}
+    for name, metric in module.named_modules():
+        if isinstance(metric, Metric) and metric.update_called:
+            state = {k: v.detach().cpu().clone() for k, v in metric.metric_state.items() if torch.is_tensor(v)}
+            states[name] = {"update_count": int(metric.update_count), "state": state}
+    return states
+
+
+def load_metric_states(module: torch.nn.Module, states: dict[str, dict[str, Any]]) -> None:
+    """Put back what ``metric_states`` saved, so the resumed epoch's metrics cover the whole epoch."""
+    for name, saved in states.items():
+        metric = module.get_submodule(name)
+        for key, value in saved["state"].items():
+            setattr(metric, key, value.to(metric.device))
+        metric._update_count = saved["update_count"]
+        metric._computed = None

@@ -1,0 +1,23 @@
+"""A callback that sends this process a real signal at a chosen training batch (deterministic preemption)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class SignalAt(Callback):
+    """``os.kill(self, signum)`` after batch ``batch`` (0-based) of epoch ``epoch`` (0-based), once."""
+
+    def __init__(self, epoch: int, batch: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.epoch, self.batch, self.signum, self.sent = epoch, batch, signum, False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.sent and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

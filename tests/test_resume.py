@@ -85,7 +85,7 @@ def test_ten_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matche
             hit = wait_for(lambda: any(ckpts.glob(".*.tmp")), proc, poll=0.0005)
             where = "checkpoint write"
         else:  # during training: a random moment after the first training step of this attempt
-            hit = wait_for(lambda: "Epoch " in log.read_text(errors="replace"), proc, poll=0.01)
+            hit = wait_for(lambda log=log: "Epoch " in log.read_text(errors="replace"), proc, poll=0.01)
             time.sleep(rng.uniform(0.0, 1.5))
             where = "training"
         os.kill(proc.pid, signal.SIGKILL)

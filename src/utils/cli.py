@@ -31,7 +31,10 @@ def user_error_in(exc: BaseException | None) -> UserError | None:
 
 
 def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Wrap a Hydra task: a UserError is logged alone and exits 1 (in a sweep, only that job fails); SIGTERM exits 143."""
+    """Wrap a Hydra task: a UserError is logged alone and exits 1 (in a sweep, only that job fails).
+
+    Training stopped by SIGTERM exits 143.
+    """
 
     @functools.wraps(task)
     def wrapper(cfg: Any) -> Any:

@@ -54,6 +54,15 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
 
 
+def assert_one_set_of_outputs(run_dir: Path) -> None:
+    """Resuming wrote into the run's own folders: no version_N folder, no -vN checkpoint copies."""
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in names and all(n == "last.ckpt" or n.startswith("epoch_") for n in names), names
+    assert not any("-v" in n for n in names), names
+    assert not list(run_dir.rglob("version_*")), list(run_dir.rglob("version_*"))
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one per process, one folder
+
+
 def start_run(data: Path, run_dir: Path, scratch: Path, log: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "src.train", *ARGS, f"data.root={data}", f"hydra.run.dir={run_dir}"]
     cmd += [f"paths.cache_dir={scratch / 'cache'}", *extra]
@@ -99,6 +108,7 @@ def test_ten_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matche
     assert final.returncode == 0, final.stderr[-3000:]
     assert_same_run(straight, run_dir)
     assert not list(ckpts.glob(".*.tmp")), "interrupted writes are cleaned up on resume"
+    assert_one_set_of_outputs(run_dir)
 
 
 @pytest.mark.slow
@@ -124,6 +134,7 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_resumed_run_matches(refere
     resumed = run_cli(*args, "ckpt_path=last", scratch=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(straight, run_dir)
+    assert_one_set_of_outputs(run_dir)
 
 
 def test_skipping_sampler_resumes_an_epoch_where_it_stopped():

@@ -18,10 +18,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.models.backbones import normalization
+from src.models.classifier import check_model_config
 from src.utils.cli import report_user_errors
 from src.utils.config import save_config
 from src.utils.errors import UserError
-from src.utils.io import atomic_write, write_json
+from src.utils.io import write_csv, write_json
 from src.utils.precision import fastest_precision
 
 log = logging.getLogger("src.train")
@@ -45,6 +46,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     route_lightning_logs()
     output_dir = Path(cfg.paths.output_dir)
     log.info("Config\n%s", save_config(cfg, output_dir))
+    model_settings = OmegaConf.to_container(cfg.model, resolve=True)
+    check_model_config(
+        model_settings["backbone"], model_settings["head"], model_settings["optimizer"], model_settings.get("scheduler")
+    )  # before any data work: a typo costs seconds
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -58,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
-    write_skipped_files(output_dir, datamodule.skipped)
+    write_preflight_report(output_dir, datamodule)
     # model.finetune and model.cache configure callbacks, not the module
     model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
     preprocessing = {  # what inference needs, recorded in every checkpoint
@@ -91,6 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     summary = run_summary(trainer, model, datamodule.classes, wall_s)
     summary["skipped_files"] = len(datamodule.skipped)
+    summary["cross_split_duplicates"] = len(datamodule.duplicates)
+    summary["images"] = datamodule.class_counts  # split -> class -> images used
     if datamodule.has_split("test") and summary["best_checkpoint"]:
         summary["test"] = evaluate_on_test(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
@@ -144,16 +151,12 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
     return str(path)
 
 
-def write_skipped_files(output_dir: Path, skipped: list[tuple[str, str, str]]) -> None:
-    """skipped_files.csv: split, path and reason of every image the preflight left out (header only if none)."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["split", "path", "reason"])
-    writer.writerows(skipped)
-    atomic_write(output_dir / "skipped_files.csv", lambda f: f.write(buf.getvalue()))
+def write_preflight_report(output_dir: Path, datamodule: Any) -> None:
+    """skipped_files.csv (split, path, reason of every image left out) and duplicates.csv (group, split, path
+    of identical files in different splits); header only when there are none."""
+    write_csv(output_dir / "skipped_files.csv", ["split", "path", "reason"], datamodule.skipped)
+    rows = [(g, split, path) for g, group in enumerate(datamodule.duplicates, 1) for split, path in group]
+    write_csv(output_dir / "duplicates.csv", ["group", "split", "path"], rows)
 
 
 def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:

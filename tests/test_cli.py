@@ -200,3 +200,24 @@ def test_lite0_fe_learns_hymenoptera_in_three_epochs(hymenoptera, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_val_acc"] >= 0.90, summary["history"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.backbone.name=resnet5", "Unknown backbone 'resnet5'. Did you mean: resnet50"),
+        ("model.head.dropout=1.0", "model.head.dropout must be a number in [0, 1), got 1.0"),
+        ("model.optimizer.lr=0", "model.optimizer.lr must be a positive number, got 0"),
+        ("data.batch_size=0", "data.batch_size must be a whole number of at least 1, got 0"),
+        ("model.scheduler.name=cosine", "model.scheduler.name='cosine': choose none"),
+    ],
+)
+def test_bad_config_values_stop_before_any_data_work(override, message, tmp_path):
+    # data.root does not exist: a config error reported first proves the check ran before the data
+    args = ("experiment=lite0_fe", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli(*args, override, scratch=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert out.count(message) == 1, out[-2000:]
+    assert "does not exist" not in out  # the missing data.root was never looked at
+    assert "Traceback" not in out and not (tmp_path / "run" / "skipped_files.csv").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from src.data.images import RGBLoader
-from src.data.preflight import scan
+from src.data.preflight import cross_split_duplicates, hidden_class_folders, scan, symlink_loops
 from src.data.resumable import ResumableLoader, SkippingSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
@@ -58,6 +59,7 @@ class ImageFolderDataModule(LightningDataModule):
         seed: int | None = None,
         bad_files: str = "skip",
         max_bad_fraction: float = 0.05,
+        duplicates: str = "warn",
         preflight_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
@@ -66,8 +68,11 @@ class ImageFolderDataModule(LightningDataModule):
                 "data.root is not set: pass data.root=/path/to/dataset, an ImageFolder root with train/ and "
                 "val/ folders (test/ optional), each holding one folder per class."
             )
-        if int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size must be at least 1, got {batch_size}.")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{key} must be a whole number of at least 1, got {value!r}.")
+        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+            raise ConfigError(f"data.num_workers must be 0 or more (null: one per CPU), got {num_workers!r}.")
         self.root = Path(root).expanduser().resolve()  # absolute: cache keys and logs name the same files
         self.splits = {"train": "train", "val": "val", "test": "test", **(splits or {})}
         self.batch_size = int(batch_size)
@@ -79,6 +84,13 @@ class ImageFolderDataModule(LightningDataModule):
         if bad_files not in ("skip", "error"):
             raise ConfigError(f"data.bad_files must be skip or error, got {bad_files!r}.")
         self.bad_files, self.max_bad_fraction = bad_files, float(max_bad_fraction)
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be within [0, 1], got {max_bad_fraction}.")
+        if duplicates not in ("warn", "error"):
+            raise ConfigError(f"data.duplicates must be warn or error, got {duplicates!r}.")
+        self.duplicates_policy = duplicates
+        self.duplicates: list[list[tuple[str, str]]] = []  # groups of identical (split, path) in different splits
+        self.class_counts: dict[str, dict[str, int]] = {}  # split -> class -> usable images
         self.preflight_cache_dir = preflight_cache_dir
         self.skipped: list[tuple[str, str, str]] = []  # (split, path, reason) of files left out by preflight
         self.loader = RGBLoader(decode_min_side)
@@ -118,6 +130,7 @@ class ImageFolderDataModule(LightningDataModule):
                     "(test/ optional), each with one sub-folder per class."
                 )
         present = [s for s in ("train", "val", "test") if self.has_split(s)]
+        self.check_folders([self.split_dir(s) for s in present])
         try:
             classes = {s: find_classes(str(self.split_dir(s)))[0] for s in present}
         except FileNotFoundError as err:  # a split with no class folders at all
@@ -131,13 +144,35 @@ class ImageFolderDataModule(LightningDataModule):
                 raise DatasetError(f"{self.split_dir(split)}: {err}") from None
         self.preflight()
         self.classes = list(self.datasets["train"].classes)
-        counts = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
-        log.info("Dataset %s: %d classes %s; images %s", self.root, len(self.classes), self.classes, counts)
+        for split, ds in self.datasets.items():
+            per_class = Counter(ds.targets)
+            self.class_counts[split] = {name: per_class[i] for i, name in enumerate(ds.classes)}
+        log.info("Dataset %s: %d classes\n%s", self.root, len(self.classes), format_counts(self.class_counts))
+
+    def check_folders(self, split_dirs: list[Path]) -> None:
+        """Stop on folder layouts ImageFolder would misread: symlink loops (an endless walk), hidden folders
+        (extra classes)."""
+        loops = symlink_loops(self.root)
+        if loops:
+            listing = "\n".join(f"  {link} -> {target}" for link, target in loops)
+            raise DatasetError(
+                f"Symlinked folders under {self.root} lead back to a folder above them (an endless walk):\n"
+                f"{listing}\nRemove or replace these links."
+            )
+        hidden = hidden_class_folders(split_dirs)
+        if hidden:
+            listing = "\n".join(f"  {h}" for h in hidden)
+            raise DatasetError(
+                f"Hidden folders would become classes:\n{listing}\nDelete them or move them out of the dataset "
+                "(e.g. .ipynb_checkpoints left by Jupyter)."
+            )
 
     def preflight(self) -> None:
         """Decode every image once; skip the bad ones (listed in ``skipped``) or stop, per ``bad_files``."""
         paths = [p for ds in self.datasets.values() for p, _ in ds.samples]
-        bad = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
+        bad, digests = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
+        usable = {split: [p for p, _ in ds.samples if p not in bad] for split, ds in self.datasets.items()}
+        self.check_duplicates(usable, digests)
         if not bad:
             return
         self.skipped = [(split, p, bad[p]) for split, ds in self.datasets.items() for p, _ in ds.samples if p in bad]
@@ -155,6 +190,21 @@ class ImageFolderDataModule(LightningDataModule):
             ds.samples = [(p, c) for p, c in ds.samples if p not in bad]
             ds.imgs, ds.targets = ds.samples, [c for _, c in ds.samples]
         log.warning("Skipping %d unusable image files (%.1f%%):\n%s%s", len(bad), 100 * fraction, listing, more)
+
+    def check_duplicates(self, files: dict[str, list[str]], digests: dict[str, str]) -> None:
+        """Warn about (or, with duplicates=error, stop on) identical files in different splits: leakage."""
+        self.duplicates = cross_split_duplicates(files, digests)
+        if not self.duplicates:
+            return
+        listing = "\n".join("  " + " = ".join(f"{s}:{p}" for s, p in group) for group in self.duplicates[:20])
+        more = f"\n  ... and {len(self.duplicates) - 20} more" if len(self.duplicates) > 20 else ""
+        message = (
+            f"{len(self.duplicates)} images appear in more than one split (same bytes): validation scores "
+            f"on them are not honest:\n{listing}{more}"
+        )
+        if self.duplicates_policy == "error":
+            raise DatasetError(f"{message}\nRemove the copies, or set data.duplicates=warn; nothing was trained.")
+        log.warning("%s\nThey are listed in the run folder's duplicates.csv.", message)
 
     # ------------------------------------------------------------------------------------------ loaders
 
@@ -222,6 +272,17 @@ class ImageFolderDataModule(LightningDataModule):
         if "test" not in self.datasets:
             raise DatasetError(f"{self.split_dir('test')} does not exist: this dataset has no test split.")
         return self._loader("test", shuffle=False)
+
+
+def format_counts(counts: dict[str, dict[str, int]]) -> str:
+    """A table of images per class (rows) and split (columns)."""
+    splits = list(counts)
+    classes = list(next(iter(counts.values()))) if counts else []
+    width = max([len(c) for c in classes] + [5])
+    lines = [f"  {'class':<{width}} " + " ".join(f"{s:>7}" for s in splits)]
+    lines += [f"  {c:<{width}} " + " ".join(f"{counts[s].get(c, 0):>7}" for s in splits) for c in classes]
+    lines.append(f"  {'total':<{width}} " + " ".join(f"{sum(counts[s].values()):>7}" for s in splits))
+    return "\n".join(lines)
 
 
 def check_same_classes(classes: dict[str, list[str]]) -> None:

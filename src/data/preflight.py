@@ -1,4 +1,10 @@
-"""Preflight: decode every image once before training and report what can't be used, and why."""
+"""Preflight: check the dataset before training and report what can't be used, and why.
+
+- every image decoded once (parallel, cached by the file list): unreadable, truncated, zero-byte,
+  non-image and decompression-bomb files;
+- the same bytes in two splits (train/val leakage), by SHA-256;
+- hidden folders that ImageFolder would turn into classes, and symlinked folders that loop.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +13,40 @@ import json
 import logging
 import os
 import warnings
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
-from src.utils.io import atomic_write
+from src.data.images import load_rgb
+from src.utils.io import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # cache layout: bump when what a scan records changes
 
 
 def image_problem(path: str) -> str | None:
-    """Why ``path`` can't be used as an image, or None when it decodes completely.
+    """Why ``path`` can't be used as an image, or None when the training loader decodes it completely.
 
-    A full ``load()`` (not ``verify()``, which misses truncation), with PIL's decompression-bomb check as
-    an error and truncated files never tolerated.
+    The loader's own full decode (not ``verify()``, which misses truncation), with PIL's decompression-bomb
+    warning as an error and truncated files never tolerated.
     """
     try:
         if os.path.getsize(path) == 0:
             return "zero-byte file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
+        tolerate_truncation, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:  # another library may have switched it on for the whole process: truncation stays an error here
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                load_rgb(path)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = tolerate_truncation
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return f"over PIL's decompression-bomb limit ({err})"
     except UnidentifiedImageError:
         return "not an image PIL can identify"
-    except (OSError, SyntaxError, ValueError) as err:  # truncated, corrupt or unreadable
+    except Exception as err:  # truncated, corrupt, unreadable: whatever a decoder raises on malformed bytes
         return f"unreadable: {type(err).__name__}: {err}"
     return None
 
@@ -49,23 +60,73 @@ def file_list_key(paths: list[str]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) -> dict[str, str]:
-    """{path: reason} for every unusable file among ``paths``; parallel, and cached by the file list."""
+def check_file(path: str) -> tuple[str | None, str | None]:
+    """(reason it is unusable or None, SHA-256 of its bytes or None when unreadable)."""
+    try:
+        digest = sha256_file(path)
+    except OSError as err:
+        return f"unreadable: {type(err).__name__}: {err}", None
+    return image_problem(path), digest
+
+
+def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) -> tuple[dict[str, str], dict[str, str]]:
+    """({path: reason} of every unusable file, {path: SHA-256}) over ``paths``; parallel, cached by the file list."""
     cache = Path(cache_dir) / f"preflight-{file_list_key(paths)[:32]}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             data = json.loads(cache.read_text())
             if data.get("format") == FORMAT and data.get("count") == len(paths):
-                return dict(data["bad"])
-        except (OSError, ValueError):
+                return dict(data["bad"]), dict(data["digests"])
+        except (OSError, ValueError, KeyError):
             pass  # unreadable cache: scan again
     if workers > 1 and len(paths) > 32:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(image_problem, paths, chunksize=max(1, len(paths) // (workers * 8))))
+            results = list(pool.map(check_file, paths, chunksize=max(1, len(paths) // (workers * 8))))
     else:
-        reasons = [image_problem(p) for p in paths]
-    bad = {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
+        results = [check_file(p) for p in paths]
+    bad = {p: r for p, (r, _) in zip(paths, results, strict=True) if r is not None}
+    digests = {p: d for p, (_, d) in zip(paths, results, strict=True) if d is not None}
     if cache is not None:
-        payload = {"format": FORMAT, "count": len(paths), "bad": bad}
+        payload = {"format": FORMAT, "count": len(paths), "bad": bad, "digests": digests}
         atomic_write(cache, lambda f: json.dump(payload, f))
-    return bad
+    return bad, digests
+
+
+def cross_split_duplicates(files: dict[str, list[str]], digests: dict[str, str]) -> list[list[tuple[str, str]]]:
+    """Groups of files with identical bytes found in more than one split: [[(split, path), ...], ...]."""
+    by_digest: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for split, paths in files.items():
+        for p in paths:
+            if p in digests:
+                by_digest[digests[p]].append((split, p))
+    return [group for group in by_digest.values() if len({split for split, _ in group}) > 1]
+
+
+def hidden_class_folders(split_dirs: list[Path]) -> list[Path]:
+    """Folders named ``.something`` directly under a split: ImageFolder would make each one a class."""
+    return sorted(e for d in split_dirs for e in d.iterdir() if e.name.startswith(".") and e.is_dir())
+
+
+def symlink_loops(root: Path) -> list[tuple[Path, Path]]:
+    """(link, the folder it leads back to) for every symlinked folder under ``root`` that loops.
+
+    ImageFolder walks with followlinks=True, which never ends on such a loop.
+    """
+    loops = []
+
+    def walk(folder: Path, ancestors: tuple[str, ...]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=True):
+                continue
+            real = os.path.realpath(entry.path)
+            if real in ancestors:
+                loops.append((Path(entry.path), Path(real)))
+            else:
+                walk(Path(entry.path), (*ancestors, real))
+
+    walk(root, (os.path.realpath(root),))
+    return loops

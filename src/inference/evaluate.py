@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from torchmetrics.classification import (
 from torchvision.datasets import ImageFolder
 from torchvision.utils import make_grid, save_image
 
-from src.utils.io import write_json
+from src.utils.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +91,8 @@ def write_reports(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
     cm = metrics["confusion_matrix"]
-    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *class_names])
-        writer.writerows([name, *row] for name, row in zip(class_names, cm, strict=True))
+    rows = ([name, *row] for name, row in zip(class_names, cm, strict=True))
+    write_csv(out_dir / "confusion_matrix.csv", ["true \\ predicted", *class_names], rows)
     cm_metric = MulticlassConfusionMatrix(num_classes=len(class_names))
     cm_metric.update(log_probs, labels)
     fig, ax = cm_metric.plot(labels=class_names)
@@ -108,11 +105,8 @@ def write_reports(
     conf, pred = probs.max(1)
     wrong = (pred != labels).nonzero().flatten()
     worst = wrong[conf[wrong].argsort(descending=True)][:grid_size].tolist()
-    with open(out_dir / "misclassified.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "true", "predicted", "probability"])
-        for i in worst:
-            writer.writerow([dataset.samples[i][0], class_names[labels[i]], class_names[pred[i]], f"{conf[i]:.4f}"])
+    rows = ([dataset.samples[i][0], class_names[labels[i]], class_names[pred[i]], f"{conf[i]:.4f}"] for i in worst)
+    write_csv(out_dir / "misclassified.csv", ["path", "true", "predicted", "probability"], rows)
     grid = None
     if worst:
         m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)

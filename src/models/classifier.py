@@ -12,9 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.models.backbones import build_backbone
-from src.models.head import build_head
-from src.models.schedules import build_schedule
+from src.models.backbones import build_backbone, check_backbone_name
+from src.models.head import build_head, check_head
+from src.models.schedules import build_schedule, check_schedule_name
 from src.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class TransferClassifier(LightningModule):
         data_root: str | None = None,
     ) -> None:
         super().__init__()
+        check_model_config(backbone, head, optimizer, scheduler)
         self.save_hyperparameters()
         built = build_backbone(backbone["name"], backbone.get("weights"))
         self.channels_last = bool(backbone.get("channels_last", False))
@@ -54,7 +55,6 @@ class TransferClassifier(LightningModule):
         self.criterion = nn.NLLLoss()
         self.mean, self.std = built.mean, built.std
         self.weights_sha256 = built.weights_sha256
-        check_optimizer(optimizer)
         # stages whose batches are precomputed backbone features, not images (set by the FeatureCache)
         self.feature_inputs: set[str] = set()
         n = len(class_names)
@@ -206,6 +206,19 @@ class TransferClassifier(LightningModule):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return {"trainable_params": trainable, "frozen_params": frozen}
+
+
+def check_model_config(
+    backbone: dict[str, Any], head: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None
+) -> None:
+    """Raise ConfigError on the first bad model setting (backbone name, head, optimizer, schedule).
+
+    Cheap: train calls it before any data is scanned, so a typo costs seconds, not a preflight.
+    """
+    check_backbone_name(backbone.get("name"))
+    check_head(head.get("hidden_dim", 256), head.get("dropout", 0.0))
+    check_optimizer(optimizer)
+    check_schedule_name((scheduler or {}).get("name"))
 
 
 def check_optimizer(optimizer: dict[str, Any]) -> None:

@@ -72,8 +72,13 @@ SCHEDULES = {"warmup_cosine": WarmupCosine, "one_cycle": OneCycle}
 
 def build_schedule(optimizer: Optimizer, total_steps: int, name: str | None, **options: float) -> LRScheduler | None:
     """The named schedule over ``total_steps`` optimizer steps; None for ``name`` none/null (constant LR)."""
+    check_schedule_name(name)
     if name in (None, "none"):
         return None
-    if name not in SCHEDULES:
-        raise ConfigError(f"model.scheduler.name={name!r}: choose none, {', '.join(SCHEDULES)}.")
     return SCHEDULES[name](optimizer, total_steps, **options)
+
+
+def check_schedule_name(name: str | None) -> None:
+    """Raise ConfigError unless ``name`` is none/null or a known schedule."""
+    if name not in (None, "none", *SCHEDULES):
+        raise ConfigError(f"model.scheduler.name={name!r}: choose none, {', '.join(SCHEDULES)}.")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
     atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=False, default=str))
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Atomically write a CSV file: a header row, then ``rows``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -21,6 +21,7 @@ from src.models.backbones import normalization
 from src.models.classifier import check_model_config
 from src.utils.cli import report_user_errors
 from src.utils.config import save_config
+from src.utils.distributed import launched_as_rank_zero
 from src.utils.errors import UserError
 from src.utils.io import write_csv, write_json
 from src.utils.precision import fastest_precision
@@ -45,7 +46,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured model on the configured data; return the run summary (also in summary.json)."""
     route_lightning_logs()
     output_dir = Path(cfg.paths.output_dir)
-    log.info("Config\n%s", save_config(cfg, output_dir))
+    writer = launched_as_rank_zero()  # DDP: the other ranks run this too, and write nothing
+    if writer:
+        log.info("Config\n%s", save_config(cfg, output_dir))
     model_settings = OmegaConf.to_container(cfg.model, resolve=True)
     check_model_config(
         model_settings["backbone"], model_settings["head"], model_settings["optimizer"], model_settings.get("scheduler")
@@ -63,7 +66,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
-    write_preflight_report(output_dir, datamodule)
+    if writer:
+        write_preflight_report(output_dir, datamodule)
     # model.finetune and model.cache configure callbacks, not the module
     model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
     preprocessing = {  # what inference needs, recorded in every checkpoint
@@ -90,7 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_s = time.perf_counter() - start
 
@@ -98,6 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary["skipped_files"] = len(datamodule.skipped)
     summary["cross_split_duplicates"] = len(datamodule.duplicates)
     summary["images"] = datamodule.class_counts  # split -> class -> images used
+    if not trainer.is_global_zero:
+        return summary  # metrics were synced across ranks: rank zero reports them
     if datamodule.has_split("test") and summary["best_checkpoint"]:
         summary["test"] = evaluate_on_test(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
@@ -112,20 +118,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool = True) -> str | None:
     """The checkpoint to resume from, checked before training: never a silent start from scratch.
 
-    ``last`` means this run folder's checkpoints/last.ckpt. A missing or unreadable file is a UserError
-    naming it and, for a corrupt one, the newest readable checkpoint beside it.
+    ``last`` means this run folder's checkpoints/last.ckpt; ``auto`` the same when it exists, else a fresh
+    start, said in the log (for jobs a cluster requeues with the same command). A missing or unreadable
+    file is a UserError naming it and, for a corrupt one, the newest readable checkpoint beside it.
+    ``cleanup`` removes temp files of checkpoint writes a kill cut short.
     """
     if ckpt_path is None:
         return None
     import torch
 
-    path = checkpoint_dir / "last.ckpt" if str(ckpt_path) == "last" else Path(ckpt_path)
-    for orphan in path.parent.glob(".*.ckpt.*.tmp"):  # a write cut short by a kill; the old file is whole
-        log.info("Removing %s, a checkpoint write that was interrupted", orphan)
-        orphan.unlink(missing_ok=True)
+    path = checkpoint_dir / "last.ckpt" if str(ckpt_path) in ("last", "auto") else Path(ckpt_path)
+    if cleanup:
+        for orphan in path.parent.glob(".*.ckpt.*.tmp"):  # a write cut short by a kill; the old file is whole
+            log.info("Removing %s, a checkpoint write that was interrupted", orphan)
+            orphan.unlink(missing_ok=True)
+    if str(ckpt_path) == "auto" and not path.exists():
+        log.info("ckpt_path=auto: no %s yet, starting from scratch", path)
+        return None
     if not path.is_file():
         raise UserError(
             f"Cannot resume: {path} does not exist. Resume a run in its own folder: "

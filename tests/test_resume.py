@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.data.resumable import ResumableLoader, SkippingSampler
+from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler
 from tests.conftest import REPO, make_imagefolder, run_cli
 
@@ -126,7 +126,7 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_resumed_run_matches(refere
     fit = ckpt["loops"]["fit_loop"]
     assert fit["epoch_progress"]["current"]["completed"] == 1  # one epoch done ...
     assert fit["epoch_loop.batch_progress"]["current"]["completed"] == 3  # ... and 3 steps of the next
-    assert fit["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 3}]
+    assert fit["state_dict"]["combined_loader"] == [{"epoch": 1, "samples_done": 12}]
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)  # flushed
     assert not (run_dir / "summary.json").exists()
@@ -137,19 +137,32 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_the_resumed_run_matches(refere
     assert_one_set_of_outputs(run_dir)
 
 
-def test_skipping_sampler_resumes_an_epoch_where_it_stopped():
+def test_sharded_sampler_splits_pads_and_resumes_an_epoch_where_it_stopped():
     epoch = {"now": 2}
     inner = EpochSampler(10, seed=3, epoch_source=lambda: epoch["now"])
-    loader = ResumableLoader(
-        list(range(10)), batch_size=3, sampler=SkippingSampler(inner, lambda: epoch["now"]), progress=lambda: (2, 2)
-    )
     full = [i for i, _ in inner]
-    assert loader.state_dict() == {"epoch": 2, "batches_done": 2}
-    loader.load_state_dict({"epoch": 2, "batches_done": 2})
+
+    def shard(rank: int, world: int, pad: bool = True) -> ShardedSampler:
+        return ShardedSampler(inner, lambda: epoch["now"], lambda: (rank, world), pad=pad)
+
+    one = shard(0, 1)
+    loader = ResumableLoader(list(range(10)), batch_size=3, sampler=one, progress=lambda: (2, 6), resume=one.skip)
+    assert loader.state_dict() == {"epoch": 2, "samples_done": 6}
+    loader.load_state_dict({"epoch": 2, "samples_done": 6})
     assert [i for i, _ in loader.sampler] == full[6:]  # the epoch's last 4 items, once
     assert [i for i, _ in loader.sampler] == full
-    loader.load_state_dict({"epoch": 1, "batches_done": 2})  # saved in another epoch: nothing to skip
+    loader.load_state_dict({"epoch": 1, "samples_done": 6})  # saved in another epoch: nothing to skip
     assert [i for i, _ in loader.sampler] == full
+
+    # 3 ranks: 10 items padded to 12 by repeating the head; together they cover the single-process order
+    parts = [[i for i, _ in shard(r, 3)] for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 4] == [len(shard(r, 3)) for r in range(3)]
+    assert [parts[k % 3][k // 3] for k in range(12)] == full + full[:2]
+    resumed = shard(1, 3)
+    resumed.skip(2, 6)  # two steps of batch 1 on each of 3 ranks were done
+    assert [i for i, _ in resumed] == parts[1][2:]
+    # evaluation: no padding, shares differ by at most one
+    assert [len(list(shard(r, 3, pad=False))) for r in range(3)] == [4, 3, 3]
 
 
 def test_epoch_sampler_follows_its_epoch_source():

@@ -91,10 +91,17 @@ class FeatureCache(Callback):
             return
         pl_module.keep_frozen_parts_in_eval()
         self._identity = self.identity(trainer, pl_module)
+        # DDP: rank zero embeds and writes; the others wait for it, then read the files (every rank holds
+        # all features; Lightning's distributed sampler gives each its share of the indices)
+        distributed = trainer.world_size > 1
+        if distributed and not trainer.is_global_zero:
+            trainer.strategy.barrier("feature_cache")
         self.sets["val"].fill(*self.features(trainer, pl_module, "val", view=None))
         if "train" in self.sets:
             views = [self.features(trainer, pl_module, "train", view=k) for k in range(self.train_views)]
             self.sets["train"].fill(torch.cat([f for f, _ in views]), torch.cat([y for _, y in views]))
+        if distributed and trainer.is_global_zero:
+            trainer.strategy.barrier("feature_cache")
 
     # ------------------------------------------------------------------------------------------- cache
 
@@ -150,7 +157,8 @@ class FeatureCache(Callback):
             loader = dm.image_loader(split, self.embed_batch_size, generator=generator)
             feats, labels = embed(pl_module, loader, trainer.precision_plugin.forward_context)
         seconds = time.perf_counter() - start
-        save_tensors(path, {"features": feats, "labels": labels}, meta)
+        if trainer.is_global_zero:  # another rank computing it means rank zero's file is out of its reach
+            save_tensors(path, {"features": feats, "labels": labels}, meta)
         self.stats["misses"] += 1
         self.stats["embedded_images"] += len(labels)
         self.stats["embed_s"] = round(self.stats["embed_s"] + seconds, 3)

@@ -18,7 +18,7 @@ from torchvision.datasets.folder import find_classes
 
 from src.data.images import RGBLoader
 from src.data.preflight import cross_split_duplicates, hidden_class_folders, scan, symlink_loops
-from src.data.resumable import ResumableLoader, SkippingSampler
+from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
 
@@ -227,40 +227,57 @@ class ImageFolderDataModule(LightningDataModule):
         )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training: the seeded epoch order, this rank's share of it, resumable mid-epoch. Evaluation: in
+        order; with several processes each takes every W-th item (Lightning's own distributed sampler is off
+        in conf/trainer/ddp.yaml: it would reshuffle the seeded order and pad evaluation sets)."""
+        options: dict[str, Any] = {}
         if split in self.feature_sets:
             dataset, sampler, batch_size = self.feature_sets[split]
-            if sampler is not None:  # epoch-seeded: resumable mid-epoch
-                return self._resumable(dataset, sampler, batch_size=batch_size)
-            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
-        dataset, sampler, generator = self.datasets[split], None, None
-        options: dict[str, Any] = {
-            "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            "pin_memory": self.pin_memory,
-        }
-        if self.seed is not None:
-            # own generator: creating the loader draws nothing from the global RNG (dropout's)
-            generator = torch.Generator().manual_seed(self.seed)
-            if shuffle:
-                sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
-                return self._resumable(SeededItems(dataset, self.seed), sampler, generator=generator, **options)
-        return DataLoader(dataset, shuffle=shuffle, generator=generator, **options)
+        else:
+            dataset, sampler = self.datasets[split], None
+            batch_size = self.batch_size if split == "train" else self.eval_batch_size
+            options = {
+                "num_workers": self.num_workers,
+                "persistent_workers": self.num_workers > 0,
+                "pin_memory": self.pin_memory,
+            }
+            if self.seed is not None:
+                # own generator: creating the loader draws nothing from the global RNG (dropout's)
+                options["generator"] = torch.Generator().manual_seed(self.seed)
+                if shuffle:
+                    sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
+                    dataset = SeededItems(dataset, self.seed)
+        rank, world = self._ranks()
+        if shuffle and sampler is None and world > 1:
+            raise ConfigError("Training on several processes needs a seed (seed=42): every rank must shuffle alike.")
+        if shuffle and sampler is not None:
+            return self._resumable(dataset, sampler, batch_size, **options)
+        if not shuffle and world > 1:
+            sampler = ShardedSampler(range(len(dataset)), self._trainer_epoch, self._ranks, pad=False)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, **options)
 
-    def _resumable(self, dataset: Dataset, sampler: Sampler, **options: Any) -> ResumableLoader:
-        """A loader Lightning resumes mid-epoch (a SIGTERM checkpoint) by skipping the batches already done."""
+    def _ranks(self) -> tuple[int, int]:
+        """(global rank, world size) of this process in the trainer's run; (0, 1) without one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _resumable(self, dataset: Dataset, sampler: Sampler, batch_size: int, **options: Any) -> ResumableLoader:
+        """The training loader: this rank's share of the epoch order; Lightning resumes it mid-epoch (after a
+        SIGTERM checkpoint) by skipping the samples all ranks had already trained on."""
+        shard = ShardedSampler(sampler, self._trainer_epoch, self._ranks, pad=True)
+
+        def progress() -> tuple[int, int]:  # (epoch, samples trained on in it, over all ranks)
+            if self.trainer is None:
+                return 0, 0
+            batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            return sampler_epoch(self.trainer), batches * batch_size * self.trainer.world_size
+
         return ResumableLoader(
-            dataset, sampler=SkippingSampler(sampler, self._trainer_epoch), progress=self._progress, **options
+            dataset, sampler=shard, batch_size=batch_size, progress=progress, resume=shard.skip, **options
         )
 
     def _trainer_epoch(self) -> int:
         return sampler_epoch(self.trainer)
-
-    def _progress(self) -> tuple[int, int]:
-        """(epoch, training batches completed in it): the train loader's state in a checkpoint."""
-        if self.trainer is None:
-            return 0, 0
-        return sampler_epoch(self.trainer), self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

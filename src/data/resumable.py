@@ -8,18 +8,33 @@ exactly the rest of the interrupted epoch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from itertools import islice
 from typing import Any
 
 from torch.utils.data import DataLoader, Sampler
 
 
-class SkippingSampler(Sampler[Any]):
-    """Wraps an epoch-seeded sampler; after ``skip(epoch, n)`` the next pass over ``epoch`` starts at item n."""
+class ShardedSampler(Sampler[Any]):
+    """This process's share of an epoch-seeded sampler's items, resumable mid-epoch.
 
-    def __init__(self, sampler: Sampler[Any], epoch_source: Callable[[], int]) -> None:
-        self.sampler, self.epoch_source = sampler, epoch_source
+    With W processes (DDP), rank r takes items r, r+W, r+2W, ... of the inner order, so W processes with
+    batch b train on exactly the samples one process with batch b*W would (the order stays seeded by
+    epoch alone). ``pad``: the order is first extended by repeating its head to a multiple of W, so every
+    rank runs as many steps (DDP training needs that); without it ranks may differ by one item
+    (evaluation, where torchmetrics adds up the ranks' sums). After ``skip(epoch, n)`` the next pass over
+    ``epoch`` drops the first n items of the full order once: what the interrupted epoch had done.
+    ``ranks`` returns (rank, world size).
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[Any] | range,
+        epoch_source: Callable[[], int],
+        ranks: Callable[[], tuple[int, int]],
+        pad: bool,
+    ) -> None:
+        self.sampler, self.epoch_source, self.ranks, self.pad = sampler, epoch_source, ranks, pad
         self._skip: tuple[int, int] | None = None
 
     def skip(self, epoch: int, items: int) -> None:
@@ -30,34 +45,46 @@ class SkippingSampler(Sampler[Any]):
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
+        rank, world = self.ranks()
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return math.ceil(n / world) if self.pad else len(range(rank, n, world))
 
     def __iter__(self) -> Iterator[Any]:
-        items: Iterator[Any] = iter(self.sampler)
+        rank, world = self.ranks()
+        if world == 1 and self._skip is None:
+            return iter(self.sampler)
+        items = list(self.sampler)
+        if self.pad and len(items) % world:
+            items += (items * world)[: world - len(items) % world]
         if self._skip is not None:
             epoch, count = self._skip
             self._skip = None  # once: the epochs after it run in full
-            if epoch == self.epoch_source() and count > 0:
-                items = islice(items, count, None)
-        return items
+            if epoch == self.epoch_source():
+                items = items[count:]
+        return iter(items[rank::world])
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over a SkippingSampler whose state is (epoch, batches completed this epoch).
+    """A DataLoader whose checkpointed state is (epoch, samples of it already trained on, over all ranks).
 
-    ``progress`` returns that pair from the trainer when a checkpoint is written.
+    ``progress`` returns that pair from the trainer when a checkpoint is written; ``resume`` receives it
+    back (the datamodule hands it to its ShardedSampler, which skips them before taking its rank's share).
     """
 
-    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, SkippingSampler):
-            raise TypeError("ResumableLoader needs a SkippingSampler")
-        self.progress = progress
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        progress: Callable[[], tuple[int, int]],
+        resume: Callable[[int, int], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, **kwargs)
+        self.progress, self.resume = progress, resume
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.progress()
-        return {"epoch": int(epoch), "batches_done": int(batches)}
+        epoch, samples = self.progress()
+        return {"epoch": int(epoch), "samples_done": int(samples)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        assert isinstance(self.sampler, SkippingSampler)
-        self.sampler.skip(state_dict["epoch"], state_dict["batches_done"] * int(self.batch_size or 1))
+        self.resume(int(state_dict["epoch"]), int(state_dict["samples_done"]))

@@ -107,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if datamodule.has_split("test") and summary["best_checkpoint"]:
         summary["test"] = evaluate_on_test(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
+    log_hparams_view(trainer, cfg, summary)
     log.info(
         "Best val loss %.4f (val acc %.4f, epoch %s) in %.1f s; outputs in %s",
         summary["best_val_loss"],
@@ -194,6 +195,39 @@ def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
         metrics["samples"],
     )
     return {k: metrics[k] for k in ("samples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1")}
+
+
+# the settings shown beside every job's best metrics in TensorBoard's HParams tab (plus the job's overrides)
+HPARAMS = (
+    "model.backbone.name",
+    "model.head.hidden_dim",
+    "model.head.dropout",
+    "model.optimizer.name",
+    "model.optimizer.lr",
+    "model.scheduler.name",
+    "data.batch_size",
+    "trainer.max_epochs",
+    "seed",
+)
+
+
+def log_hparams_view(trainer: L.Trainer, cfg: DictConfig, summary: dict[str, Any]) -> None:
+    """Write this run's settings with its best metrics for TensorBoard's HParams tab: all jobs of a sweep
+    (or any runs under one --logdir) side by side."""
+    from hydra.core.hydra_config import HydraConfig
+
+    params: dict[str, Any] = {key: OmegaConf.select(cfg, key) for key in HPARAMS}
+    if HydraConfig.initialized():
+        for override in HydraConfig.get().overrides.task:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") not in ("data.root", "hydra.run.dir", "paths.cache_dir"):
+                params.setdefault(key.lstrip("+~"), OmegaConf.select(cfg, key.lstrip("+~"), default=value))
+    params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
+    metrics = {f"hp/{k}": summary[k] for k in ("best_val_loss", "best_val_acc") if summary.get(k) is not None}
+    for logger in trainer.loggers:
+        if isinstance(logger, L.pytorch.loggers.TensorBoardLogger) and metrics:
+            logger.log_hyperparams(params, metrics)
+            logger.experiment.flush()
 
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:

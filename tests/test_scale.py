@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from tests.conftest import make_imagefolder, run_cli
 
@@ -47,3 +51,153 @@ def test_ddp_cpu_matches_one_process_and_writes_one_set_of_outputs(tmp_path):
     assert log.count("Embedded val") == 1 and log.count("Embedded train view 0") == 1
     assert log.count("Feature cache hit") == 2
     assert log.count("CONFIG") == 1
+
+
+# --------------------------------------------------------------------------------------- composition
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    import src.train  # noqa: F401  (registers the config's fastest_precision resolver)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_every_trainer_option_composes_and_instantiates_where_it_can(tmp_path):
+    names = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
+    assert names == ["ddp", "ddp_cpu", "default"]
+    for name in names:
+        cfg = compose_train(f"trainer={name}", f"paths.output_dir={tmp_path}")
+        t = cfg.trainer
+        assert t.max_epochs == 10 and t.plugins[0]._target_.endswith("AtomicCheckpointIO")
+        if name == "default":
+            assert t.devices == "auto" and "strategy" not in t
+            continue
+        assert t.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy"
+        assert t.use_distributed_sampler is False  # the datamodule shards the seeded order itself
+        assert (t.accelerator, t.strategy.process_group_backend) == (
+            ("cpu", "gloo") if name == "ddp_cpu" else ("gpu", "nccl")
+        )
+    trainer = instantiate(compose_train("trainer=ddp_cpu", f"paths.output_dir={tmp_path}").trainer, logger=False)
+    assert trainer.world_size == 2 and type(trainer.strategy).__name__ == "DDPStrategy"
+    assert trainer.strategy.process_group_backend == "gloo"
+
+
+def test_every_hparams_search_option_composes_as_a_multirun():
+    names = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
+    assert names == ["lr_dropout_grid", "lr_dropout_optuna"]
+    grid = compose_train("hparams_search=lr_dropout_grid")
+    assert grid.hydra.mode == RunMode.MULTIRUN and grid.optimized_metric == "best_val_loss"
+    assert grid.hydra.sweeper._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    assert dict(grid.hydra.sweeper.params) == {
+        "model.optimizer.lr": "0.001,0.003,0.01,0.03",
+        "model.head.dropout": "0.2,0.4",
+    }
+    optuna = compose_train("hparams_search=lr_dropout_optuna")
+    sweeper = optuna.hydra.sweeper
+    assert optuna.hydra.mode == RunMode.MULTIRUN and sweeper.direction == "minimize"
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == 42
+    assert dict(sweeper.params) == {
+        "model.optimizer.lr": "tag(log, interval(0.0001, 0.1))",
+        "model.head.dropout": "interval(0.0, 0.6)",
+    }
+
+
+def test_pinned_optuna_stack_installs_and_keeps_a_study_in_sqlite(tmp_path):
+    """The sweeper plugin needs optuna<3; optuna 2.10's RDB storage breaks on SQLAlchemy 2 (the known clash)."""
+    from importlib.metadata import version
+
+    import optuna
+
+    assert version("hydra-optuna-sweeper") == "1.3.0" and optuna.__version__ == "2.10.1"
+    assert version("sqlalchemy").startswith("1.4.")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=url, sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(lambda t: (t.suggest_float("lr", 1e-4, 1e-1, log=True) - 0.01) ** 2, n_trials=3)
+    again = optuna.load_study(study_name="s", storage=url)
+    assert len(again.trials) == 3 and again.best_value == study.best_value
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "slurm"])
+def test_slurm_launchers_compose_into_the_sbatch_script_they_would_submit(launcher, tmp_path, monkeypatch):
+    """No SLURM here: run the plugin's own launch() up to submission and read the sbatch text it made."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    overrides = [f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path}", "hydra.job.name=train"]
+    if launcher == "slurm":  # 2 nodes x 4 GPUs, one task per GPU, as conf/hydra/launcher/slurm.yaml says
+        overrides += ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.nodes=2"]
+        overrides += [
+            "hydra.launcher.tasks_per_node=4",
+            "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.partition=gpu",
+        ]
+    cfg = compose_train(*overrides)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_") == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    scripts = []
+
+    def capture(executor, fn, *args):
+        scripts.append(executor._executor._make_submission_file_text("python -m src.train", "uid"))
+        return []
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # "srun is there"
+    launcher_obj = SlurmLauncher(**params)
+    launcher_obj.setup(config=cfg, hydra_context=None, task_function=lambda c: None)
+    assert launcher_obj.launch([["model.optimizer.lr=0.01"]], initial_job_idx=0) == []
+    sbatch = scripts[0]
+    if launcher == "slurm":
+        expected = ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64GB"]
+        expected += ["--time=720", "--partition=gpu", "--signal=USR2@120", "--job-name=train"]
+    else:
+        expected = ["--nodes=1", "--ntasks-per-node=1", "--time=60", "--signal=USR2@120"]
+    for line in expected:
+        assert f"#SBATCH {line}\n" in sbatch, (line, sbatch)
+    assert str(tmp_path / ".submitit") in sbatch
+
+
+@pytest.mark.slow
+def test_three_trial_optuna_sweep_returns_its_best_value_and_fills_the_hparams_view(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    data = make_imagefolder(tmp_path / "data", per_split={"train": 8, "val": 4})
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "experiment=lite0_fe",
+        f"data.root={data}",
+        "hparams_search=lr_dropout_optuna",
+        "hydra.sweeper.n_trials=3",
+        "trainer.max_epochs=2",
+        f"hydra.sweep.dir={sweep}",
+        scratch=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.best_value == pytest.approx(min(float(r["best_val_loss"]) for r in rows))
+    assert f"Best value: {results.best_value}" in proc.stdout + proc.stderr
+
+    caches = [json.loads((sweep / str(j) / "summary.json").read_text())["feature_cache"] for j in range(3)]
+    assert caches[0]["misses"] == 2 and all(c["misses"] == 0 and c["hits"] == 2 for c in caches[1:])  # shared
+
+    for j in range(3):  # TensorBoard's HParams tab: each job's lr and dropout beside its best metrics
+        events = EventAccumulator(str(sweep / str(j) / "tensorboard"))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        summary = json.loads((sweep / str(j) / "summary.json").read_text())
+        overrides = OmegaConf.load(sweep / str(j) / ".hydra" / "overrides.yaml")
+        lr = next(float(o.split("=")[1]) for o in overrides if o.startswith("model.optimizer.lr="))
+        assert hparams["model.optimizer.lr"].number_value == pytest.approx(lr)
+        assert 0.0 <= hparams["model.head.dropout"].number_value <= 0.6
+        best = events.Scalars("hp/best_val_loss")[-1].value
+        assert best == pytest.approx(summary["best_val_loss"], rel=1e-6)

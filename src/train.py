@@ -17,6 +17,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.callbacks.hparams_view import HParamsView
 from src.models.backbones import normalization
 from src.models.classifier import check_model_config
 from src.utils.cli import report_user_errors
@@ -92,6 +93,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.get("cache") is not None:  # after finetune: it asks whether the backbone stays frozen
         callbacks.append(instantiate(cfg.model.cache, seed=cfg.get("seed")))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if loggers:
+        callbacks.append(HParamsView(hparams_of(cfg)))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
@@ -107,7 +110,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if datamodule.has_split("test") and summary["best_checkpoint"]:
         summary["test"] = evaluate_on_test(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
-    log_hparams_view(trainer, cfg, summary)
     log.info(
         "Best val loss %.4f (val acc %.4f, epoch %s) in %.1f s; outputs in %s",
         summary["best_val_loss"],
@@ -197,7 +199,7 @@ def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
     return {k: metrics[k] for k in ("samples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1")}
 
 
-# the settings shown beside every job's best metrics in TensorBoard's HParams tab (plus the job's overrides)
+# the settings shown beside every run's best metrics in TensorBoard's HParams tab (plus the job's overrides)
 HPARAMS = (
     "model.backbone.name",
     "model.head.hidden_dim",
@@ -211,34 +213,28 @@ HPARAMS = (
 )
 
 
-def log_hparams_view(trainer: L.Trainer, cfg: DictConfig, summary: dict[str, Any]) -> None:
-    """Write this run's settings with its best metrics for TensorBoard's HParams tab: all jobs of a sweep
-    (or any runs under one --logdir) side by side."""
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """The settings of HPARAMS and every override of this job (data and output paths left out)."""
     from hydra.core.hydra_config import HydraConfig
 
     params: dict[str, Any] = {key: OmegaConf.select(cfg, key) for key in HPARAMS}
     if HydraConfig.initialized():
         for override in HydraConfig.get().overrides.task:
             key, _, value = override.partition("=")
-            if key.lstrip("+~") not in ("data.root", "hydra.run.dir", "paths.cache_dir"):
-                params.setdefault(key.lstrip("+~"), OmegaConf.select(cfg, key.lstrip("+~"), default=value))
-    params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
-    metrics = {f"hp/{k}": summary[k] for k in ("best_val_loss", "best_val_acc") if summary.get(k) is not None}
-    for logger in trainer.loggers:
-        if isinstance(logger, L.pytorch.loggers.TensorBoardLogger) and metrics:
-            logger.log_hyperparams(params, metrics)
-            logger.experiment.flush()
+            key = key.lstrip("+~")
+            if key not in ("data.root", "hydra.run.dir", "paths.cache_dir") and not key.startswith("callbacks."):
+                params.setdefault(key, OmegaConf.select(cfg, key, default=value))
+    return params
 
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:
     """What a user wants to know after a run, as plain JSON values."""
-    from src.callbacks.epoch_summary import EpochSummary
+    from src.callbacks.epoch_summary import EpochSummary, best_epoch
     from src.callbacks.feature_cache import FeatureCache
 
     history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), [])
     cache = next((c.stats for c in trainer.callbacks if isinstance(c, FeatureCache)), None)
-    scored = [h for h in history if "val/loss" in h]
-    best = min(scored, key=lambda h: h["val/loss"]) if scored else {}
+    best = best_epoch(history)
     ckpt = trainer.checkpoint_callback
     return {
         "status": "ok",

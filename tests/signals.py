@@ -10,7 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class SignalAt(Callback):
-    """``os.kill(self, signum)`` after batch ``batch`` (0-based) of epoch ``epoch`` (0-based), once."""
+    """``os.kill(self, signum)`` after batch ``batch`` (0-based) of epoch ``epoch`` (0-based), once, from
+    global rank zero only (as a scheduler signals the launching process; Lightning forwards it)."""
 
     def __init__(self, epoch: int, batch: int, signum: int = int(signal.SIGTERM)) -> None:
         self.epoch, self.batch, self.signum, self.sent = epoch, batch, signum, False
@@ -18,6 +19,6 @@ class SignalAt(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.sent and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+        if trainer.is_global_zero and not self.sent and (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
             self.sent = True
             os.kill(os.getpid(), self.signum)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +19,7 @@ PARITY = ["experiment=lite0_fe", "trainer.max_epochs=3", "model.head.dropout=0",
 
 
 @pytest.mark.slow
-def test_ddp_cpu_matches_one_process_and_writes_one_set_of_outputs(tmp_path):
+def test_ddp_cpu_matches_one_process_writes_one_set_of_outputs_and_resumes_after_sigterm(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_split={"train": 16, "val": 6}, size=(96, 72))
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     one = run_cli(*PARITY, f"data.root={data}", "data.batch_size=8", f"hydra.run.dir={single}", scratch=tmp_path)
@@ -50,6 +51,22 @@ def test_ddp_cpu_matches_one_process_and_writes_one_set_of_outputs(tmp_path):
     # built once by rank zero, read by rank 1 (whose log lines land in the same train.log)
     assert log.count("Embedded val") == 1 and log.count("Embedded train view 0") == 1
     assert log.count("Feature cache hit") == 2
+
+    # SIGTERM to rank zero mid-epoch (as a scheduler sends it; Lightning forwards it to rank 1): last.ckpt
+    # from rank zero, status 143, no process left behind; the resumed run ends where the uninterrupted one did
+    stopped_dir = tmp_path / "ddp_stopped"
+    ddp_args = [*PARITY, f"data.root={data}", "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={stopped_dir}"]
+    signal_at = ["+callbacks.signal_at._target_=tests.signals.SignalAt", "+callbacks.signal_at.epoch=1"]
+    stopped = run_cli(*ddp_args, *signal_at, "+callbacks.signal_at.batch=1", scratch=tmp_path / "fresh")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM: saved" in stopped.stdout + stopped.stderr
+    resumed = run_cli(*ddp_args, "ckpt_path=last", scratch=tmp_path / "fresh")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = json.loads((stopped_dir / "summary.json").read_text())["history"]
+    assert [h["val/loss"] for h in c] == [h["val/loss"] for h in b]  # train/loss of epoch 2: after the resume only
+    wb = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    wc = torch.load(stopped_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert max((wb[k] - wc[k]).abs().max().item() for k in wb) == 0.0
     assert log.count("CONFIG") == 1
 
 

@@ -51,3 +51,9 @@ def format_epoch(row: dict[str, float], max_epochs: int | None) -> str:
             parts.append(f"{stage} loss {row[f'{stage}/loss']:.4f} acc {row.get(f'{stage}/acc', float('nan')):.4f}")
     parts.append(f"{row['seconds']:.1f} s")
     return " | ".join(parts)
+
+
+def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
+    """The history row with the lowest val/loss ({} when no epoch was validated)."""
+    scored = [h for h in history if "val/loss" in h]
+    return min(scored, key=lambda h: h["val/loss"]) if scored else {}

@@ -10,6 +10,7 @@ half-accumulated torchmetrics states saved with it keep that epoch's train/loss 
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,16 @@ class SaveOnSigterm(Callback):
             log.warning("SIGTERM: %s is current. Resume in this run folder with ckpt_path=last.", ckpt.last_model_path)
             return
         path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST or 'last'}{ckpt.FILE_EXTENSION}"
-        self._saving = True
-        try:
-            trainer.save_checkpoint(path)
-        finally:
-            self._saving = False
+        if trainer.world_size > 1:
+            self._save_from_rank_zero(trainer, path)
+            if not trainer.is_global_zero:
+                return
+        else:
+            self._saving = True
+            try:
+                trainer.save_checkpoint(path)
+            finally:
+                self._saving = False
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         log.warning(
             "SIGTERM: saved %s (epoch %d, %d batches into it). Resume in this run folder with ckpt_path=last.",
@@ -67,8 +73,23 @@ class SaveOnSigterm(Callback):
             batches,
         )
 
+    @staticmethod
+    def _save_from_rank_zero(trainer: Trainer, path: Path) -> None:
+        """DDP: the ranks may stop a step apart, so nothing here may wait on the others (Trainer.save_checkpoint
+        has a barrier). Rank zero writes what it holds (DDP keeps the weights equal on every rank), then ends
+        the processes it launched, which have nothing to save and could wait forever on a collective."""
+        if not trainer.is_global_zero:
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+        launcher = trainer.strategy.launcher
+        if launcher is not None and getattr(launcher, "procs", None):
+            launcher.kill(signal.SIGKILL)
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self._saving:  # mid-epoch: the epoch's running metrics go with it
+        # mid-epoch, one process: the epoch's running metrics go with it (with DDP each rank holds only its
+        # own share of them, so a resumed epoch's train metrics cover the batches after the resume)
+        if self._saving:
             checkpoint["metric_states"] = metric_states(pl_module)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

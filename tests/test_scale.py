@@ -218,3 +218,27 @@ def test_three_trial_optuna_sweep_returns_its_best_value_and_fills_the_hparams_v
         assert 0.0 <= hparams["model.head.dropout"].number_value <= 0.6
         best = events.Scalars("hp/best_val_loss")[-1].value
         assert best == pytest.approx(summary["best_val_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_optuna_search_goes_on_past_failed_trials_and_the_sweep_exits_non_zero(tmp_path):
+    data = make_imagefolder(tmp_path / "data", per_split={"train": 8, "val": 4})
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "experiment=lite0_fe",
+        f"data.root={data}",
+        "hparams_search=lr_dropout_optuna",
+        "hydra.sweeper.n_trials=4",
+        "trainer.max_epochs=1",
+        "model.head.dropout=interval(0.5, 1.5)",  # dropout >= 1 fails its trial's config check
+        f"hydra.sweep.dir={sweep}",
+        scratch=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and "Best value:" in out  # all 4 trials ran and Optuna picked the best of the ok ones
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and len(failed) < 4
+    assert all("model.head.dropout must be a number in [0, 1)" in r["reason"] for r in failed)
+    assert proc.returncode == 1 and f"{len(failed)} of 4 sweep jobs failed" in out

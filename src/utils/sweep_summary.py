@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from src.utils.io import atomic_write, write_json
 
 SUMMARY = "summary.json"
 FAILURE = "job_failure.json"
+log = logging.getLogger(__name__)
 COLUMNS = ["job", "status", "best_val_loss", "best_val_acc", "epochs", "wall_s", "overrides", "reason"]
 
 
@@ -35,7 +38,13 @@ class SweepSummary(Callback):
         write_sweep_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_sweep_summary(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        out = write_sweep_summary(sweep_dir)
+        rows = [job_row(p.parent.parent) for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+        failed = [r for r in rows if r.get("status") != "ok"]
+        if failed:  # sweepers that carry on past failures (Optuna with max_failure_rate) still end non-zero
+            log.error("%d of %d sweep jobs failed; their reasons are in %s", len(failed), len(rows), out)
+            sys.exit(1)
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:

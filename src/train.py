@@ -23,7 +23,7 @@ from src.models.classifier import check_model_config
 from src.utils.cli import report_user_errors
 from src.utils.config import save_config
 from src.utils.distributed import launched_as_rank_zero
-from src.utils.errors import UserError
+from src.utils.errors import ConfigError, UserError
 from src.utils.io import write_csv, write_json
 from src.utils.precision import fastest_precision
 
@@ -96,6 +96,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if loggers:
         callbacks.append(HParamsView(hparams_of(cfg)))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launch(trainer)
 
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -119,6 +120,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     return summary
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse DDP that starts its own processes inside a local multirun: Lightning's launcher re-runs the
+    command line in every new process, which would start the whole sweep again in each of them."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = trainer.strategy.launcher
+    sweeping = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweeping and isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1:
+        raise ConfigError(
+            "A sweep (-m or hparams_search) cannot run DDP jobs that start their own processes here: Lightning "
+            "would re-run the sweep in each process. Sweep on a cluster (hydra/launcher=slurm: SLURM starts "
+            "the processes), or sweep with one device per job (trainer.devices=1)."
+        )
 
 
 def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool = True) -> str | None:

@@ -242,3 +242,19 @@ def test_optuna_search_goes_on_past_failed_trials_and_the_sweep_exits_non_zero(t
     assert failed and len(failed) < 4
     assert all("model.head.dropout must be a number in [0, 1)" in r["reason"] for r in failed)
     assert proc.returncode == 1 and f"{len(failed)} of 4 sweep jobs failed" in out
+
+
+@pytest.mark.slow
+def test_a_local_sweep_of_ddp_jobs_is_refused_with_the_way_out(tmp_path):
+    data = make_imagefolder(tmp_path / "data", per_split={"train": 4, "val": 2})
+    proc = run_cli(
+        "-m",
+        "experiment=lite0_fe",
+        f"data.root={data}",
+        "trainer=ddp_cpu",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        scratch=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "hydra/launcher=slurm" in out and "trainer.devices=1" in out
+    assert not list((tmp_path / "s").rglob("*.ckpt"))  # nothing trained, no process started a second sweep

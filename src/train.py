@@ -17,15 +17,16 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.callbacks.hparams_view import HParamsView
+from src.callbacks.hparams_view import HParamsView, hparams_of
 from src.models.backbones import normalization
 from src.models.classifier import check_model_config
 from src.utils.cli import report_user_errors
 from src.utils.config import save_config
 from src.utils.distributed import launched_as_rank_zero
-from src.utils.errors import ConfigError, UserError
+from src.utils.errors import ConfigError
 from src.utils.io import write_csv, write_json
 from src.utils.precision import fastest_precision
+from src.utils.resume import resume_checkpoint
 
 log = logging.getLogger("src.train")
 MODEL_CALLBACKS = ("finetune", "cache")
@@ -139,51 +140,6 @@ def check_launch(trainer: L.Trainer) -> None:
         )
 
 
-def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool = True) -> str | None:
-    """The checkpoint to resume from, checked before training: never a silent start from scratch.
-
-    ``last`` means this run folder's checkpoints/last.ckpt; ``auto`` the same when it exists, else a fresh
-    start, said in the log (for jobs a cluster requeues with the same command). A missing or unreadable
-    file is a UserError naming it and, for a corrupt one, the newest readable checkpoint beside it.
-    ``cleanup`` removes temp files of checkpoint writes a kill cut short.
-    """
-    if ckpt_path is None:
-        return None
-    import torch
-
-    path = checkpoint_dir / "last.ckpt" if str(ckpt_path) in ("last", "auto") else Path(ckpt_path)
-    if cleanup:
-        for orphan in path.parent.glob(".*.ckpt.*.tmp"):  # a write cut short by a kill; the old file is whole
-            log.info("Removing %s, a checkpoint write that was interrupted", orphan)
-            orphan.unlink(missing_ok=True)
-    if str(ckpt_path) == "auto" and not path.exists():
-        log.info("ckpt_path=auto: no %s yet, starting from scratch", path)
-        return None
-    if not path.is_file():
-        raise UserError(
-            f"Cannot resume: {path} does not exist. Resume a run in its own folder: "
-            "hydra.run.dir=logs/train/runs/<date_time> ckpt_path=last (with the run's other overrides)."
-        )
-
-    def readable(p: Path) -> bool:
-        try:
-            torch.load(p, map_location="cpu", weights_only=True)
-            return True
-        except Exception:
-            return False
-
-    if not readable(path):
-        others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
-        good = next((p for p in reversed(others) if readable(p)), None)
-        hint = (
-            f"The newest readable checkpoint there is {good}: resume with ckpt_path={good}"
-            if good
-            else ("No other readable checkpoint is there.")
-        )
-        raise UserError(f"Cannot resume: {path} is corrupt or truncated. {hint}")
-    return str(path)
-
-
 def write_preflight_report(output_dir: Path, datamodule: Any) -> None:
     """skipped_files.csv (split, path, reason of every image left out) and duplicates.csv (group, split, path
     of identical files in different splits); header only when there are none."""
@@ -215,34 +171,6 @@ def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
         metrics["samples"],
     )
     return {k: metrics[k] for k in ("samples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1")}
-
-
-# the settings shown beside every run's best metrics in TensorBoard's HParams tab (plus the job's overrides)
-HPARAMS = (
-    "model.backbone.name",
-    "model.head.hidden_dim",
-    "model.head.dropout",
-    "model.optimizer.name",
-    "model.optimizer.lr",
-    "model.scheduler.name",
-    "data.batch_size",
-    "trainer.max_epochs",
-    "seed",
-)
-
-
-def hparams_of(cfg: DictConfig) -> dict[str, Any]:
-    """The settings of HPARAMS and every override of this job (data and output paths left out)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    params: dict[str, Any] = {key: OmegaConf.select(cfg, key) for key in HPARAMS}
-    if HydraConfig.initialized():
-        for override in HydraConfig.get().overrides.task:
-            key, _, value = override.partition("=")
-            key = key.lstrip("+~")
-            if key not in ("data.root", "hydra.run.dir", "paths.cache_dir") and not key.startswith("callbacks."):
-                params.setdefault(key, OmegaConf.select(cfg, key, default=value))
-    return params
 
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:

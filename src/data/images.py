@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -11,8 +12,9 @@ from PIL import Image, ImageOps
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Open ``path``, apply its EXIF orientation and convert it to RGB (grey, palette, alpha, CMYK, 16-bit).
+def load_rgb(path: str | os.PathLike | BinaryIO, min_side: int | None = None) -> Image.Image:
+    """Open ``path`` (or a binary file object), apply its EXIF orientation and convert it to RGB (grey,
+    palette, alpha, CMYK, 16-bit).
 
     ``min_side``: a JPEG at least twice that large on its short side is decoded at a reduced scale (PIL's
     draft mode: 1/2, 1/4 or 1/8 in the DCT) that keeps its short side >= ``min_side``. The transforms

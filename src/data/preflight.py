@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,26 +21,35 @@ from pathlib import Path
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from src.data.images import load_rgb
-from src.utils.io import atomic_write, sha256_file
+from src.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # cache layout: bump when what a scan records changes
 
 
 def image_problem(path: str) -> str | None:
-    """Why ``path`` can't be used as an image, or None when the training loader decodes it completely.
+    """Why ``path`` can't be used as an image, or None when the training loader decodes it completely."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return f"unreadable: {type(err).__name__}: {err}"
+    return decode_problem(data)
+
+
+def decode_problem(data: bytes) -> str | None:
+    """Why these file bytes can't be used as an image, or None when the training loader decodes them.
 
     The loader's own full decode (not ``verify()``, which misses truncation), with PIL's decompression-bomb
     warning as an error and truncated files never tolerated.
     """
+    if not data:
+        return "zero-byte file"
     try:
-        if os.path.getsize(path) == 0:
-            return "zero-byte file"
         tolerate_truncation, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:  # another library may have switched it on for the whole process: truncation stays an error here
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                load_rgb(path)
+                load_rgb(io.BytesIO(data))
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = tolerate_truncation
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -63,10 +73,10 @@ def file_list_key(paths: list[str]) -> str:
 def check_file(path: str) -> tuple[str | None, str | None]:
     """(reason it is unusable or None, SHA-256 of its bytes or None when unreadable)."""
     try:
-        digest = sha256_file(path)
+        data = Path(path).read_bytes()  # read once: hashed here, decoded from memory
     except OSError as err:
         return f"unreadable: {type(err).__name__}: {err}", None
-    return image_problem(path), digest
+    return decode_problem(data), hashlib.sha256(data).hexdigest()
 
 
 def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) -> tuple[dict[str, str], dict[str, str]]:

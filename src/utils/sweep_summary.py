@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -17,9 +15,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from src.utils.io import atomic_write, write_json
+from src.utils.io import write_csv, write_json
 
 SUMMARY = "summary.json"
+SWEEP_SUMMARY = "sweep_summary.csv"
 FAILURE = "job_failure.json"
 log = logging.getLogger(__name__)
 COLUMNS = ["job", "status", "best_val_loss", "best_val_acc", "epochs", "wall_s", "overrides", "reason"]
@@ -38,9 +37,8 @@ class SweepSummary(Callback):
         write_sweep_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        out = write_sweep_summary(sweep_dir)
-        rows = [job_row(p.parent.parent) for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+        out = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
+        rows = write_sweep_summary(Path(config.hydra.sweep.dir))
         failed = [r for r in rows if r.get("status") != "ok"]
         if failed:  # sweepers that carry on past failures (Optuna with max_failure_rate) still end non-zero
             log.error("%d of %d sweep jobs failed; their reasons are in %s", len(failed), len(rows), out)
@@ -61,8 +59,9 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     return row
 
 
-def write_sweep_summary(sweep_dir: Path) -> Path:
-    """Collect every job's row under ``sweep_dir`` into sweep_summary.csv, ok jobs by best_val_loss first."""
+def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Collect every job's row under ``sweep_dir`` into sweep_summary.csv, ok jobs by best_val_loss first;
+    return the rows."""
     rows = [job_row(p.parent.parent) for p in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"))]
 
     def key(row: dict[str, Any]) -> tuple[int, float]:
@@ -71,10 +70,5 @@ def write_sweep_summary(sweep_dir: Path) -> Path:
         return (0, loss) if ok else (1, math.inf)
 
     rows.sort(key=key)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    out = sweep_dir / "sweep_summary.csv"
-    atomic_write(out, lambda f: f.write(buf.getvalue()))
-    return out
+    write_csv(sweep_dir / SWEEP_SUMMARY, COLUMNS, ([row.get(c) for c in COLUMNS] for row in rows))
+    return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,25 +180,31 @@ def test_slurm_launchers_compose_into_the_sbatch_script_they_would_submit(launch
     assert str(tmp_path / ".submitit") in sbatch
 
 
-@pytest.mark.slow
-def test_three_trial_optuna_sweep_returns_its_best_value_and_fills_the_hparams_view(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
+def optuna_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path, list[dict[str, str]]]:
+    """hparams_search=lr_dropout_optuna on a tiny dataset: (the process, the sweep dir, sweep_summary.csv rows)."""
     data = make_imagefolder(tmp_path / "data", per_split={"train": 8, "val": 4})
     sweep = tmp_path / "sweep"
     proc = run_cli(
         "experiment=lite0_fe",
         f"data.root={data}",
         "hparams_search=lr_dropout_optuna",
-        "hydra.sweeper.n_trials=3",
-        "trainer.max_epochs=2",
+        *overrides,
         f"hydra.sweep.dir={sweep}",
         scratch=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not (sweep / "sweep_summary.csv").is_file():
+        return proc, sweep, []
     with open(sweep / "sweep_summary.csv") as f:
-        rows = list(csv.DictReader(f))
+        return proc, sweep, list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_three_trial_optuna_sweep_returns_its_best_value_and_fills_the_hparams_view(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    proc, sweep, rows = optuna_sweep(tmp_path, "hydra.sweeper.n_trials=3", "trainer.max_epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     assert results.best_value == pytest.approx(min(float(r["best_val_loss"]) for r in rows))
@@ -222,21 +229,13 @@ def test_three_trial_optuna_sweep_returns_its_best_value_and_fills_the_hparams_v
 
 @pytest.mark.slow
 def test_optuna_search_goes_on_past_failed_trials_and_the_sweep_exits_non_zero(tmp_path):
-    data = make_imagefolder(tmp_path / "data", per_split={"train": 8, "val": 4})
-    sweep = tmp_path / "sweep"
-    proc = run_cli(
-        "experiment=lite0_fe",
-        f"data.root={data}",
-        "hparams_search=lr_dropout_optuna",
+    proc, _, rows = optuna_sweep(
+        tmp_path,
         "hydra.sweeper.n_trials=4",
         "trainer.max_epochs=1",
         "model.head.dropout=interval(0.5, 1.5)",  # dropout >= 1 fails its trial's config check
-        f"hydra.sweep.dir={sweep}",
-        scratch=tmp_path,
     )
     out = proc.stdout + proc.stderr
-    with open(sweep / "sweep_summary.csv") as f:
-        rows = list(csv.DictReader(f))
     assert len(rows) == 4 and "Best value:" in out  # all 4 trials ran and Optuna picked the best of the ok ones
     failed = [r for r in rows if r["status"] == "failed"]
     assert failed and len(failed) < 4

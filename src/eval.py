@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: ``python -m src.eval ckpt_path=... [data.root=...] [split=test|val]``.
 
 Writes metrics.json, confusion_matrix.csv/.png, misclassified.csv/.png and TensorBoard figures into its
-output folder (logs/eval/runs/<date_time>/ unless hydra.run.dir says otherwise).
+output folder (logs/eval/runs/<date_time>/ unless hydra.run.dir says otherwise). Files training would skip
+(unreadable, truncated, not regular files) are skipped the same way and listed in skipped_files.csv.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from src.data.datamodule import default_num_workers
-from src.data.images import RGBLoader
-from src.inference.checkpoint import eval_transform, model_from_checkpoint, read_checkpoint
+from src.data.images import RGBLoader, has_image_extension
+from src.data.preflight import scan
+from src.inference.checkpoint import load_trained
 from src.inference.evaluate import evaluate_split, write_reports
 from src.utils.cli import pick_device, report_user_errors
 from src.utils.errors import DatasetError
+from src.utils.io import write_csv
 
 log = logging.getLogger("src.eval")
 
@@ -27,8 +30,9 @@ log = logging.getLogger("src.eval")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 @report_user_errors
 def main(cfg: DictConfig) -> float:
-    hparams = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]
-    classes = list(hparams["class_names"])
+    device = pick_device(cfg.device)
+    trained = load_trained(cfg.ckpt_path, device)
+    hparams, classes = trained.hparams, trained.classes
     root = Path(cfg.data.root or hparams.get("data_root") or "")
     if not str(root) or not root.is_dir():
         raise DatasetError(f"Dataset root {root} not found: pass data.root=/path/to/dataset.")
@@ -39,17 +43,34 @@ def main(cfg: DictConfig) -> float:
     found = find_classes(str(folder))[0]
     if found != classes:
         raise DatasetError(f"{folder} has classes {found}; the checkpoint was trained on {classes}.")
-    dataset = ImageFolder(str(folder), eval_transform(hparams), loader=RGBLoader(cfg.data.decode_min_side))
-    device = pick_device(cfg.device)
-    model = model_from_checkpoint(cfg.ckpt_path, device)
+    loader = RGBLoader(cfg.data.decode_min_side)
+    dataset = ImageFolder(str(folder), trained.transform, loader=loader, is_valid_file=has_image_extension)
     workers = default_num_workers() if cfg.data.num_workers is None else int(cfg.data.num_workers)
+    out_dir = Path(cfg.paths.output_dir)
+    skip_unusable(dataset, split, max(1, workers), cfg.data.preflight_cache_dir, out_dir)
+    model = trained.model
     metrics, log_probs, labels = evaluate_split(model, dataset, classes, cfg.data.batch_size, workers, device)
     metrics.update(checkpoint=str(cfg.ckpt_path), data_root=str(root), split=split)
     pre = hparams["preprocessing"]
-    write_reports(
-        Path(cfg.paths.output_dir), metrics, log_probs, labels, dataset, classes, pre["mean"], pre["std"], cfg.grid_size
-    )
+    write_reports(out_dir, metrics, log_probs, labels, dataset, classes, pre["mean"], pre["std"], cfg.grid_size)
     return metrics["accuracy"]
+
+
+def skip_unusable(dataset: ImageFolder, split: str, workers: int, cache_dir: str | None, out_dir: Path) -> None:
+    """Leave out the files training would skip (the same preflight), listed in skipped_files.csv."""
+    paths = [p for p, _ in dataset.samples]
+    bad, _ = scan(paths, workers, cache_dir)
+    write_csv(
+        out_dir / "skipped_files.csv", ["split", "path", "reason"], [(split, p, bad[p]) for p in paths if p in bad]
+    )
+    if not bad:
+        return
+    dataset.samples = [(p, c) for p, c in dataset.samples if p not in bad]
+    dataset.imgs, dataset.targets = dataset.samples, [c for _, c in dataset.samples]
+    listing = "\n".join(f"  {p}: {r}" for p, r in list(bad.items())[:20])
+    log.warning("Skipping %d unusable image files (listed in skipped_files.csv):\n%s", len(bad), listing)
+    if not dataset.samples:
+        raise DatasetError(f"No usable image in {split}: every file was skipped.")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.inference.checkpoint import model_from_checkpoint, read_checkpoint
+from src.inference.checkpoint import load_trained
 from src.utils.cli import report_user_errors
 from src.utils.errors import ConfigError, UserError
-from src.utils.io import write_json
+from src.utils.io import TEXT_OPTIONS, write_json
 
 log = logging.getLogger("src.export")
 
@@ -59,8 +59,8 @@ def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
 def main(cfg: DictConfig) -> None:
     if cfg.format not in ("onnx", "torchscript"):
         raise ConfigError(f"format={cfg.format!r}: choose onnx or torchscript.")
-    classes = list(read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["class_names"])
-    trained = model_from_checkpoint(cfg.ckpt_path, "cpu")
+    loaded = load_trained(cfg.ckpt_path, "cpu")
+    classes, trained = loaded.classes, loaded.model
     model = InferenceNet(trained.backbone.to(memory_format=torch.contiguous_format), trained.head).eval()
     out_dir = Path(cfg.paths.output_dir)
     size = int(cfg.image_size)
@@ -80,7 +80,7 @@ def main(cfg: DictConfig) -> None:
         with torch.inference_mode():
             got = torch.jit.load(str(path))(check)
     diff = float((got - expected).abs().max())
-    (out_dir / "labels.txt").write_text("\n".join(classes) + "\n")
+    (out_dir / "labels.txt").write_text("\n".join(classes) + "\n", **TEXT_OPTIONS)
     write_json(
         out_dir / "export.json",
         {

@@ -6,19 +6,19 @@ a short table. Unreadable files get a row with their error; the others go on.
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from src.data.images import load_rgb
-from src.inference.checkpoint import eval_transform, model_from_checkpoint, read_checkpoint
+from src.data.images import IMAGE_EXTENSIONS, has_image_extension, load_rgb
+from src.data.preflight import not_a_regular_file
+from src.inference.checkpoint import load_trained
 from src.utils.cli import pick_device, report_user_errors
-from src.utils.errors import UserError
+from src.utils.errors import ConfigError, UserError
+from src.utils.io import write_csv
 
 log = logging.getLogger("src.predict")
 
@@ -29,26 +29,32 @@ def image_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UserError(f"input {path} does not exist.")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    files = sorted(p for p in path.rglob("*") if has_image_extension(p) and not p.is_dir())
     if not files:
-        raise UserError(f"No image files ({', '.join(IMG_EXTENSIONS)}) under {path}.")
+        raise UserError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}.")
     return files
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    hparams = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]
-    classes = list(hparams["class_names"])
-    transform = eval_transform(hparams)
+    for key in ("top_k", "batch_size"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}.")
     device = pick_device(cfg.device)
-    model = model_from_checkpoint(cfg.ckpt_path, device)
+    trained = load_trained(cfg.ckpt_path, device)
+    model, classes, transform = trained.model, trained.classes, trained.transform
     k = min(int(cfg.top_k), len(classes))
     rows: list[dict[str, str]] = []
     files = image_files(Path(cfg.input))
     for start in range(0, len(files), int(cfg.batch_size)):
         batch, paths = [], []
         for path in files[start : start + int(cfg.batch_size)]:
+            problem = not_a_regular_file(str(path))  # a FIFO would block the read forever
+            if problem:
+                rows.append({"path": str(path), "error": problem})
+                continue
             try:
                 batch.append(transform(load_rgb(path, cfg.decode_min_side)))
                 paths.append(path)
@@ -71,10 +77,8 @@ def main(cfg: DictConfig) -> None:
             )
     rows.sort(key=lambda r: r["path"])
     out = Path(cfg.paths.output_dir) / "predictions.csv"
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "predicted", "probability", "top_k", "error"], restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = ["path", "predicted", "probability", "top_k", "error"]
+    write_csv(out, columns, ([r.get(c, "") for c in columns] for r in rows))
     errors = sum(1 for r in rows if r.get("error"))
     table = [f"{'file':40} {'predicted':16} {'prob':>7}"]
     for r in rows[: int(cfg.print_rows)]:

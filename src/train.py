@@ -18,15 +18,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.hparams_view import HParamsView, hparams_of
+from src.data.preprocessing import encode_eval_transforms
 from src.models.backbones import normalization
 from src.models.classifier import check_model_config
+from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
-from src.utils.config import save_config
+from src.utils.config import check_trainer_settings, save_config
 from src.utils.distributed import launched_as_rank_zero
 from src.utils.errors import ConfigError
-from src.utils.io import write_csv, write_json
+from src.utils.io import DiskFullError, write_csv, write_json
 from src.utils.precision import fastest_precision
-from src.utils.resume import resume_checkpoint
+from src.utils.resume import check_same_data, resume_checkpoint
 
 log = logging.getLogger("src.train")
 MODEL_CALLBACKS = ("finetune", "cache")
@@ -51,10 +53,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     writer = launched_as_rank_zero()  # DDP: the other ranks run this too, and write nothing
     if writer:
         log.info("Config\n%s", save_config(cfg, output_dir))
+    # before any data work: a typo costs seconds
     model_settings = OmegaConf.to_container(cfg.model, resolve=True)
     check_model_config(
         model_settings["backbone"], model_settings["head"], model_settings["optimizer"], model_settings.get("scheduler")
-    )  # before any data work: a typo costs seconds
+    )
+    check_trainer_settings(cfg.trainer)
+    eval_transforms = encode_eval_transforms(OmegaConf.to_container(cfg.data.eval_transforms, resolve=True))
+    resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -70,22 +76,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     if writer:
         write_preflight_report(output_dir, datamodule)
+    if resume is not None:
+        check_same_data(resume, datamodule.classes, datamodule.fingerprint, bool(cfg.get("allow_new_data", False)))
     # model.finetune and model.cache configure callbacks, not the module
     model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
     preprocessing = {  # what inference needs, recorded in every checkpoint
         "mean": list(datamodule.mean),
         "std": list(datamodule.std),
-        # {"transform": "torchvision.transforms.Resize", "size": 256}: no _target_, so nothing instantiates it here
-        "eval_transforms": [
-            {"transform": t.pop("_target_"), **t}
-            for t in OmegaConf.to_container(cfg.data.eval_transforms, resolve=True)
-        ],
+        "eval_transforms": eval_transforms,  # src.data.preprocessing: plain values, allowed classes only
     }
     model = instantiate(
         model_cfg,
         class_names=datamodule.classes,
         preprocessing=preprocessing,
         data_root=str(datamodule.root),
+        data_fingerprint=datamodule.fingerprint,
         _convert_="all",
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -99,8 +104,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launch(trainer)
 
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    except DiskFullError as err:
+        good = newest_readable_checkpoint(output_dir / "checkpoints")
+        hint = (
+            f"The last good checkpoint is {good}: resume with ckpt_path={good}" if good else "No checkpoint was saved."
+        )
+        raise DiskFullError(err.folder, err.detail, hint) from None
     wall_s = time.perf_counter() - start
 
     summary = run_summary(trainer, model, datamodule.classes, wall_s)
@@ -150,12 +161,12 @@ def write_preflight_report(output_dir: Path, datamodule: Any) -> None:
 
 def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
     """The best checkpoint's metrics on the dataset's test split, loaded the way a user loads it."""
-    from src.inference.checkpoint import model_from_checkpoint
+    from src.inference.checkpoint import load_trained
     from src.inference.evaluate import evaluate_split
     from src.utils.cli import pick_device
 
     device = pick_device("auto")
-    model = model_from_checkpoint(path, device)
+    model = load_trained(path, device).model
     metrics, _, _ = evaluate_split(
         model,
         datamodule.datasets["test"],

@@ -57,3 +57,25 @@ def run_cli(*args: str, scratch: Path, timeout: int = 600) -> subprocess.Complet
         timeout=timeout,
         env=env,
     )
+
+
+def compose_train_cfg(output_dir: Path, *overrides: str):
+    """The real training config (Hydra compose API) for an in-process ``train(cfg)``: outputs in
+    ``output_dir``, caches beside it, no Hydra run folder or logging set-up."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import src.train  # noqa: F401  (registers the config's resolvers)
+
+    fixed = [
+        f"paths.root_dir={REPO}",
+        f"paths.output_dir={output_dir}",
+        f"paths.cache_dir={output_dir.parent / 'cache'}",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*fixed, *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # what a Hydra main would have set (run mode, overrides)
+    with open_dict(cfg):
+        del cfg.hydra  # resolving it would create a run folder under logs/
+    return cfg

@@ -22,3 +22,15 @@ class SignalAt(Callback):
         if trainer.is_global_zero and not self.sent and (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class StopAfter(Callback):
+    """End the fit after epoch ``epoch`` (1-based) as if the run had been killed right after its checkpoint:
+    ModelCheckpoint (run last by Lightning) still writes that epoch's last.ckpt."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epoch:
+            trainer.should_stop = True

@@ -17,6 +17,7 @@ import torch
 
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler
+from src.utils.errors import UserError
 from tests.conftest import REPO, make_imagefolder, run_cli
 
 # 32 training images in batches of 4 = 8 steps per epoch; fresh augmentation every epoch (no train cache),
@@ -87,7 +88,10 @@ def test_ten_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matche
     rng = random.Random(2026)
     landed = []
     for k in range(10):
-        resume = ["ckpt_path=last"] if (ckpts / "last.ckpt").exists() else []
+        # a kill during the very first save can leave epoch_000.ckpt without last.ckpt: resume from it, as the
+        # "Cannot resume" message tells a user to
+        whole = sorted(ckpts.glob("epoch_*.ckpt"))
+        resume = ["ckpt_path=last"] if (ckpts / "last.ckpt").exists() else [f"ckpt_path={whole[-1]}"] if whole else []
         log = tmp_path / f"attempt{k}.log"
         proc = start_run(data, run_dir, tmp_path, log, *resume)
         if k % 2:  # during a checkpoint write: the moment a temp file appears beside last.ckpt
@@ -191,3 +195,93 @@ def test_resume_from_a_corrupt_or_missing_last_ckpt_is_a_clear_error(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1
     assert f"{last} is corrupt" in out and "epoch_" in out and "Traceback" not in out
+
+
+# ------------------------------------------------------------------------------ in-process resume checks
+
+
+def train_in(out: Path, *overrides: str) -> dict:
+    from src.train import train
+    from tests.conftest import compose_train_cfg
+
+    return train(compose_train_cfg(out, *overrides))
+
+
+def stop_after(epoch: int) -> list[str]:
+    return ["+callbacks.stop._target_=tests.signals.StopAfter", f"+callbacks.stop.epoch={epoch}"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("small") / "data", per_split={"train": 8, "val": 4}, size=(96, 72))
+
+
+FT = [
+    "experiment=lite0_ft",
+    "trainer.max_epochs=3",
+    "model.finetune.schedule=[{epoch: 1, groups: 1},{epoch: 2, groups: all}]",
+    "data.batch_size=4",
+]
+
+
+def interrupt(kind: str, epoch: int) -> list[str]:
+    """Overrides that end a run after epoch ``epoch`` (1-based, ``stop``) or with a real SIGTERM after the
+    first training step of that epoch (``sigterm``: last.ckpt written mid-epoch)."""
+    if kind == "stop":
+        return stop_after(epoch)
+    return [
+        "+callbacks.sig._target_=tests.signals.SignalAt",
+        f"+callbacks.sig.epoch={epoch - 1}",
+        "+callbacks.sig.batch=0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, interruptions",
+    [
+        (["experiment=lite0_fe", "trainer.max_epochs=3", "data.batch_size=4"], [("stop", 1)]),  # default cache K=1
+        (FT, [("stop", 1), ("stop", 2)]),  # fine-tuning, resumed before each unfreeze stage
+        (FT, [("sigterm", 2)]),  # fine-tuning, mid-epoch in the first unfrozen stage
+    ],
+    ids=["fe-default-cache", "finetune-every-stage", "finetune-mid-epoch"],
+)
+def test_resume_is_exact_with_the_default_cache_and_at_every_fine_tuning_stage(
+    small_data, tmp_path, args, interruptions
+):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    base = [*args, f"data.root={small_data}", "seed=11"]
+    straight = train_in(tmp_path / "straight", *base)
+    for i, (kind, epoch) in enumerate(interruptions):
+        resume = ["ckpt_path=last"] if i else []
+        if kind == "stop":
+            part = train_in(tmp_path / "resumed", *base, *resume, *interrupt(kind, epoch))
+            assert [h["epoch"] for h in part["history"]] == list(range(1, epoch + 1))
+        else:
+            with pytest.raises(SIGTERMException):
+                train_in(tmp_path / "resumed", *base, *resume, *interrupt(kind, epoch))
+    resumed = train_in(tmp_path / "resumed", *base, "ckpt_path=last")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        for key in ("train/loss", "val/loss", "val/acc"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key, a[key], b[key])
+
+
+def test_resume_refuses_another_dataset_unless_asked(small_data, tmp_path):
+    base = ["experiment=lite0_fe", "trainer.max_epochs=2", "data.batch_size=4"]
+    train_in(tmp_path / "run", *base, f"data.root={small_data}", *stop_after(1))
+    cats = make_imagefolder(tmp_path / "cats", classes=("cats", "dogs"), per_split={"train": 8, "val": 4})
+    with pytest.raises(UserError, match=r"trained on the classes \['ants', 'bees'\].*has \['cats', 'dogs'\]"):
+        train_in(tmp_path / "run", *base, f"data.root={cats}", "ckpt_path=last")
+    other = make_imagefolder(tmp_path / "other", per_split={"train": 8, "val": 4}, seed=5)  # same classes
+    with pytest.raises(UserError, match="not the ones it was trained on.*allow_new_data=true"):
+        train_in(tmp_path / "run", *base, f"data.root={other}", "ckpt_path=last")
+    continued = train_in(tmp_path / "run", *base, f"data.root={other}", "ckpt_path=last", "allow_new_data=true")
+    assert [h["epoch"] for h in continued["history"]] == [1, 2]
+    train_in(tmp_path / "run2", *base, f"data.root={small_data}", *stop_after(1))
+    moved = tmp_path / "moved"
+    small_data.rename(moved)  # the same files in another place are the same data
+    try:
+        assert len(train_in(tmp_path / "run2", *base, f"data.root={moved}", "ckpt_path=last")["history"]) == 2
+    finally:
+        moved.rename(small_data)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from src.data.images import load_rgb
-from src.inference.checkpoint import UnsafeCheckpointError, eval_transform, model_from_checkpoint, read_checkpoint
+from src.inference.checkpoint import UnsafeCheckpointError, load_trained, read_checkpoint
 from src.utils.errors import UserError
 from tests.conftest import REPO, make_imagefolder, run_cli
 
@@ -50,8 +50,8 @@ def test_eval_metrics_equal_a_direct_computation(trained):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    model = model_from_checkpoint(trained["ckpt"])
-    tf = eval_transform(read_checkpoint(trained["ckpt"])["hyper_parameters"])
+    loaded = load_trained(trained["ckpt"])
+    model, tf = loaded.model, loaded.transform
     files = sorted((trained["data"] / "val").glob("*/*.png"))
     labels = torch.tensor([0 if f.parent.name == "ants" else 1 for f in files])
     with torch.inference_mode():
@@ -101,8 +101,8 @@ def test_predict_rows_for_every_file_and_errors_for_broken_ones(trained):
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert len(rows) == 6
     assert [n for n, r in rows.items() if r["error"]] == ["broken.jpg"]
-    model = model_from_checkpoint(trained["ckpt"])
-    tf = eval_transform(read_checkpoint(trained["ckpt"])["hyper_parameters"])
+    loaded = load_trained(trained["ckpt"])
+    model, tf = loaded.model, loaded.transform
     for name, row in rows.items():
         if row["error"]:
             continue
@@ -121,7 +121,7 @@ def test_export_matches_pytorch(trained, fmt):
     proc = run_module("src.export", f"ckpt_path={trained['ckpt']}", f"format={fmt}", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "labels.txt").read_text().split() == ["ants", "bees"]
-    model = model_from_checkpoint(trained["ckpt"])
+    model = load_trained(trained["ckpt"]).model
     x = torch.randn(3, 3, 224, 224)  # a batch size the export never saw
     with torch.inference_mode():
         expected = model(x)
@@ -141,7 +141,7 @@ def test_slim_checkpoint_reproduces_the_full_one(trained, tmp_path):
     slim_path = Path(trained["ckpt"])
     slim = torch.load(slim_path, map_location="cpu", weights_only=True)
     assert "backbone_ref" in slim and not any(k.startswith("backbone.") for k in slim["state_dict"])
-    model = model_from_checkpoint(slim_path)
+    model = load_trained(slim_path).model
     full = dict(slim, state_dict=model.state_dict())
     del full["backbone_ref"]
     full_path = tmp_path / "full.ckpt"
@@ -149,11 +149,11 @@ def test_slim_checkpoint_reproduces_the_full_one(trained, tmp_path):
     assert full_path.stat().st_size > 4 * slim_path.stat().st_size
     x = torch.randn(4, 3, 224, 224)
     with torch.inference_mode():
-        assert torch.equal(model_from_checkpoint(full_path)(x), model(x))
+        assert torch.equal(load_trained(full_path).model(x), model(x))
     tampered = dict(slim, backbone_ref=dict(slim["backbone_ref"], sha256="0" * 64))
     torch.save(tampered, tmp_path / "tampered.ckpt")
     with pytest.raises(UserError, match="not the same file"):
-        model_from_checkpoint(tmp_path / "tampered.ckpt")
+        load_trained(tmp_path / "tampered.ckpt")
 
 
 class Evil:

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.data.datamodule import sampler_epoch
 from src.data.features import FeatureSet, ViewSampler
-from src.utils.errors import ConfigError
+from src.utils.errors import ConfigError, UserError
 from src.utils.tensor_store import load_tensors, save_tensors, tensors_digest
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,13 @@ class FeatureCache(Callback):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
             loader = dm.image_loader(split, self.embed_batch_size, generator=generator)
-            feats, labels = embed(pl_module, loader, trainer.precision_plugin.forward_context)
+            feats, labels = embed(pl_module, loader, trainer.precision_plugin.forward_context, trainer)
         seconds = time.perf_counter() - start
         if trainer.is_global_zero:  # another rank computing it means rank zero's file is out of its reach
-            save_tensors(path, {"features": feats, "labels": labels}, meta)
+            try:
+                save_tensors(path, {"features": feats, "labels": labels}, meta)
+            except (OSError, RuntimeError, UserError) as err:  # full or read-only cache folder: train from memory
+                log.warning("Could not write the feature cache %s (%s); training goes on from memory", path, err)
         self.stats["misses"] += 1
         self.stats["embedded_images"] += len(labels)
         self.stats["embed_s"] = round(self.stats["embed_s"] + seconds, 3)
@@ -174,11 +178,17 @@ class FeatureCache(Callback):
         return feats, labels
 
 
-def embed(pl_module: LightningModule, loader: Any, forward_context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the frozen backbone over a loader at the run's precision; features and labels on the CPU."""
+def embed(
+    pl_module: LightningModule, loader: Any, forward_context: Any, trainer: Trainer | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen backbone over a loader at the run's precision; features and labels on the CPU.
+
+    A SIGTERM stops it at the next batch (Lightning only checks between training batches)."""
     feats, labels = [], []
     with torch.inference_mode(), forward_context():
         for x, y in loader:
+            if trainer is not None and trainer.received_sigterm:
+                raise SIGTERMException(143)
             feats.append(pl_module.features(x.to(pl_module.device, non_blocking=True)).cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)

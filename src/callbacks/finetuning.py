@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
@@ -80,16 +80,33 @@ class BackboneFinetuning(BaseFinetuning):
             return
         groups = layer_groups(pl_module.hparams.backbone["name"], pl_module.backbone)
         count = self.groups_training_at(epoch, len(groups))
+        self.unfreeze(pl_module, groups[len(groups) - count :], optimizer, epoch)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed run gets its param groups back by name (BaseFinetuning); the groups in them train again
+        here: a run resumed mid-epoch gets no ``on_train_epoch_start`` to unfreeze them."""
+        super().on_fit_start(trainer, pl_module)
+        if not self.schedule or not trainer.optimizers:
+            return
+        names = {group.get("name") for group in trainer.optimizers[0].param_groups}
+        groups = layer_groups(pl_module.hparams.backbone["name"], pl_module.backbone)
+        self.unfreeze(pl_module, [(n, m) for n, m in groups if f"backbone.{n}" in names], trainer.optimizers[0])
+
+    def unfreeze(
+        self, pl_module: LightningModule, groups: list[tuple[str, Any]], optimizer: Optimizer, epoch: int | None = None
+    ) -> None:
+        """Make ``groups`` trainable under the BatchNorm policy; a group not yet in the optimizer joins it (when
+        ``epoch`` says this is a scheduled unfreeze) at backbone_lr_factor x the head's initial LR."""
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         head_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-        for name, modules in groups[len(groups) - count :]:
+        for name, modules in groups:
             self.make_trainable(modules)
             if self.bn == "frozen":
                 for bn in (m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm)):
                     for p in bn.parameters():
                         p.requires_grad = False
             params = [p for mod in modules for p in mod.parameters() if p.requires_grad and id(p) not in in_optimizer]
-            if params:  # a fresh unfreeze (on resume the group is already back in the optimizer)
+            if params and epoch is not None:  # a fresh unfreeze (on resume the group is already back in the optimizer)
                 lr = head_lr * self.backbone_lr_factor
                 optimizer.add_param_group({"params": params, "lr": lr, "initial_lr": lr, "name": f"backbone.{name}"})
                 log.info("Epoch %d: unfroze backbone group %s (%d tensors) at lr %.3g", epoch, name, len(params), lr)

@@ -47,6 +47,9 @@ class SaveOnSigterm(Callback):
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
         ckpt = trainer.checkpoint_callback
+        if trainer.global_step == 0:
+            log.warning("SIGTERM before the first training step: nothing to save; a rerun starts from scratch.")
+            return
         if not isinstance(ckpt, ModelCheckpoint) or ckpt.dirpath is None:
             log.error("SIGTERM received, but no ModelCheckpoint directory is configured: nothing was saved.")
             return

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from src.data.images import RGBLoader
+from src.data.images import RGBLoader, has_image_extension
 from src.data.preflight import cross_split_duplicates, hidden_class_folders, scan, symlink_loops
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
+from src.utils.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.class_counts: dict[str, dict[str, int]] = {}  # split -> class -> usable images
         self.preflight_cache_dir = preflight_cache_dir
         self.skipped: list[tuple[str, str, str]] = []  # (split, path, reason) of files left out by preflight
+        self.fingerprint: str | None = None  # of the images used: a resume checks it (data_fingerprint)
         self.loader = RGBLoader(decode_min_side)
         self.mean, self.std = list(mean), list(std)
         normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
@@ -139,7 +145,9 @@ class ImageFolderDataModule(LightningDataModule):
         for split in present:
             transform = self.train_transform if split == "train" else self.eval_transform
             try:
-                self.datasets[split] = ImageFolder(str(self.split_dir(split)), transform, loader=self.loader)
+                self.datasets[split] = ImageFolder(
+                    str(self.split_dir(split)), transform, loader=self.loader, is_valid_file=has_image_extension
+                )
             except FileNotFoundError as err:
                 raise DatasetError(f"{self.split_dir(split)}: {err}") from None
         self.preflight()
@@ -173,6 +181,7 @@ class ImageFolderDataModule(LightningDataModule):
         bad, digests = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
         usable = {split: [p for p, _ in ds.samples if p not in bad] for split, ds in self.datasets.items()}
         self.check_duplicates(usable, digests)
+        self.fingerprint = data_fingerprint(self.root, self.datasets, digests, bad)
         if not bad:
             return
         self.skipped = [(split, p, bad[p]) for split, ds in self.datasets.items() for p, _ in ds.samples if p in bad]
@@ -217,36 +226,36 @@ class ImageFolderDataModule(LightningDataModule):
 
         ``generator`` seeds the workers' random transforms, so an augmented pass is reproducible.
         """
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=False,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-        )
+        options = self._worker_options(seed_workers=False)
+        options.pop("persistent_workers")  # one pass only
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=False, generator=generator, **options)
+
+    def _worker_options(self, seed_workers: bool) -> dict[str, Any]:
+        """Decoding workers that die with this process; ``seed_workers``: Lightning's per-worker seeding too."""
+        rank = self._ranks()[0] if seed_workers else None
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
+            "worker_init_fn": WorkerInit(rank) if self.num_workers > 0 else None,
+        }
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """Training: the seeded epoch order, this rank's share of it, resumable mid-epoch. Evaluation: in
         order; with several processes each takes every W-th item (Lightning's own distributed sampler is off
         in conf/trainer/ddp.yaml: it would reshuffle the seeded order and pad evaluation sets)."""
-        options: dict[str, Any] = {}
+        # own generator: creating an iterator draws its worker seed from it, never from the global RNG
+        # (dropout's), so a resumed run draws the same dropout masks as one that never stopped
+        options: dict[str, Any] = {"generator": None if self.seed is None else torch.Generator().manual_seed(self.seed)}
         if split in self.feature_sets:
             dataset, sampler, batch_size = self.feature_sets[split]
         else:
             dataset, sampler = self.datasets[split], None
             batch_size = self.batch_size if split == "train" else self.eval_batch_size
-            options = {
-                "num_workers": self.num_workers,
-                "persistent_workers": self.num_workers > 0,
-                "pin_memory": self.pin_memory,
-            }
-            if self.seed is not None:
-                # own generator: creating the loader draws nothing from the global RNG (dropout's)
-                options["generator"] = torch.Generator().manual_seed(self.seed)
-                if shuffle:
-                    sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
-                    dataset = SeededItems(dataset, self.seed)
+            options.update(self._worker_options(seed_workers=True))
+            if self.seed is not None and shuffle:
+                sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
+                dataset = SeededItems(dataset, self.seed)
         rank, world = self._ranks()
         if shuffle and sampler is None and world > 1:
             raise ConfigError("Training on several processes needs a seed (seed=42): every rank must shuffle alike.")
@@ -291,6 +300,20 @@ class ImageFolderDataModule(LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
+class WorkerInit:
+    """A decoding worker's first act: die with its parent (a killed run leaves no worker behind); then, for
+    the loaders Lightning manages, the per-worker seeding Lightning adds itself when no init function is set
+    (``seed_everything(workers=True)``)."""
+
+    def __init__(self, rank: int | None) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        die_with_parent()
+        if self.rank is not None and os.environ.get("PL_SEED_WORKERS") == "1":
+            pl_worker_init_function(worker_id, rank=self.rank)
+
+
 def format_counts(counts: dict[str, dict[str, int]]) -> str:
     """A table of images per class (rows) and split (columns)."""
     splits = list(counts)
@@ -303,20 +326,64 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
 
 
 def check_same_classes(classes: dict[str, list[str]]) -> None:
-    """Raise DatasetError naming the differing class folders when splits disagree.
+    """Raise DatasetError naming the differing class folders when splits disagree, or when a class name
+    can't be used as one.
 
-    Plain ImageFolder numbers classes per split, so a missing folder silently shifts every label.
+    Plain ImageFolder numbers classes per split, so a missing folder silently shifts every label. A name
+    with a line break or another control character would break labels.txt and every CSV a line per class;
+    two names that differ only in Unicode normalization (NFC vs NFD, as macOS and Linux write "café") look
+    identical but are different folders.
     """
+    for split, names in classes.items():
+        odd = [n for n in names if any(unicodedata.category(ch) == "Cc" for ch in n)]
+        if odd:
+            raise DatasetError(
+                f"Class folder names in {split} hold line breaks or other control characters: "
+                f"{[ascii(n) for n in odd]}. Rename these folders (the name becomes the class label)."
+            )
+        by_form: dict[str, list[str]] = {}
+        for n in names:
+            by_form.setdefault(unicodedata.normalize("NFC", n), []).append(n)
+        twins = [forms for forms in by_form.values() if len(forms) > 1]
+        if twins:
+            listing = [[ascii(f) for f in t] for t in twins]
+            raise DatasetError(
+                f"Class folders in {split} differ only in Unicode normalization: {listing}. Merge each into one."
+            )
     reference = classes["train"]
     for split, names in classes.items():
         if names == reference:
             continue
         only_train = sorted(set(reference) - set(names))
         only_here = sorted(set(names) - set(reference))
+        nfc = [unicodedata.normalize("NFC", n) for n in reference]
+        if sorted(nfc) == sorted(unicodedata.normalize("NFC", n) for n in names):
+            pairs = [
+                f"train {ascii(a)} vs {split} {ascii(b)}"
+                for a in only_train
+                for b in only_here
+                if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+            ]
+            raise DatasetError(
+                f"Class folder names look the same in train and {split} but are written in different Unicode "
+                f"forms (NFC vs NFD): {'; '.join(pairs)}. Rename them alike (e.g. with the same tool)."
+            )
         raise DatasetError(
             f"Class folders differ between train and {split}: only in train: {only_train or 'none'}; "
             f"only in {split}: {only_here or 'none'}. Every split needs the same class folders."
         )
+
+
+def data_fingerprint(root: Path, datasets: dict[str, ImageFolder], digests: dict[str, str], bad: dict[str, str]) -> str:
+    """SHA-256 over (split, path under root, class, content SHA-256) of every usable image: what a run
+    trained and validated on, independent of where the dataset folder sits."""
+    rows = sorted(
+        (split, os.path.relpath(p, root), ds.classes[c], digests.get(p, ""))
+        for split, ds in datasets.items()
+        for p, c in ds.samples
+        if p not in bad
+    )
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def sampler_epoch(trainer: Any) -> int:

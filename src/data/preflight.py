@@ -1,5 +1,6 @@
 """Preflight: check the dataset before training and report what can't be used, and why.
 
+- files that are not regular files (dangling links, FIFOs) listed without being opened;
 - every image decoded once (parallel, cached by the file list): unreadable, truncated, zero-byte,
   non-image and decompression-bomb files;
 - the same bytes in two splits (train/val leakage), by SHA-256;
@@ -12,16 +13,19 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+import stat
 import warnings
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from src.data.images import load_rgb
+from src.utils.errors import UserError
 from src.utils.io import atomic_write
+from src.utils.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # cache layout: bump when what a scan records changes
@@ -61,6 +65,21 @@ def decode_problem(data: bytes) -> str | None:
     return None
 
 
+def not_a_regular_file(path: str) -> str | None:
+    """Why ``path`` must not be opened at all (a dangling link, a FIFO that would block forever, a folder
+    named like an image), or None for a regular file. Links are followed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "dangling symlink (its target does not exist)" if os.path.islink(path) else "vanished"
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+    return f"not a regular file ({kind.get(stat.S_IFMT(st.st_mode), 'a folder')})"
+
+
 def file_list_key(paths: list[str]) -> str:
     """SHA-256 over (path, size, mtime) of every file: any change re-scans."""
     rows = []
@@ -80,26 +99,36 @@ def check_file(path: str) -> tuple[str | None, str | None]:
 
 
 def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) -> tuple[dict[str, str], dict[str, str]]:
-    """({path: reason} of every unusable file, {path: SHA-256}) over ``paths``; parallel, cached by the file list."""
-    cache = Path(cache_dir) / f"preflight-{file_list_key(paths)[:32]}.json" if cache_dir else None
+    """({path: reason} of every unusable file, {path: SHA-256}) over ``paths``; parallel, cached by the file list.
+
+    What is not a regular file is listed without being opened. Worker processes die with this process
+    (a kill -9 leaves none behind) and are stopped at once when it stops on an exception (SIGTERM too).
+    """
+    bad = {p: r for p in paths if (r := not_a_regular_file(p)) is not None}
+    regular = [p for p in paths if p not in bad]
+    cache = Path(cache_dir) / f"preflight-{file_list_key(regular)[:32]}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
-            data = json.loads(cache.read_text())
-            if data.get("format") == FORMAT and data.get("count") == len(paths):
-                return dict(data["bad"]), dict(data["digests"])
+            data = json.loads(cache.read_text(encoding="utf-8", errors="surrogateescape"))
+            if data.get("format") == FORMAT and data.get("count") == len(regular):
+                return {**bad, **data["bad"]}, dict(data["digests"])
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: scan again
-    if workers > 1 and len(paths) > 32:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(check_file, paths, chunksize=max(1, len(paths) // (workers * 8))))
+    if workers > 1 and len(regular) > 32:
+        chunksize = max(1, len(regular) // (workers * 8))
+        with multiprocessing.Pool(workers, initializer=die_with_parent) as pool:  # leaving it terminates them
+            results = list(pool.imap(check_file, regular, chunksize=chunksize))
     else:
-        results = [check_file(p) for p in paths]
-    bad = {p: r for p, (r, _) in zip(paths, results, strict=True) if r is not None}
-    digests = {p: d for p, (_, d) in zip(paths, results, strict=True) if d is not None}
+        results = [check_file(p) for p in regular]
+    found = {p: r for p, (r, _) in zip(regular, results, strict=True) if r is not None}
+    digests = {p: d for p, (_, d) in zip(regular, results, strict=True) if d is not None}
     if cache is not None:
-        payload = {"format": FORMAT, "count": len(paths), "bad": bad, "digests": digests}
-        atomic_write(cache, lambda f: json.dump(payload, f))
-    return bad, digests
+        payload = {"format": FORMAT, "count": len(regular), "bad": found, "digests": digests}
+        try:
+            atomic_write(cache, lambda f: json.dump(payload, f))
+        except (OSError, UserError) as err:  # a cache that can't be written costs a rescan next time, no more
+            log.warning("Preflight results not cached (%s); the next run scans again", err)
+    return {**bad, **found}, digests
 
 
 def cross_split_duplicates(files: dict[str, list[str]], digests: dict[str, str]) -> list[list[tuple[str, str]]]:

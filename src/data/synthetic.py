@@ -49,9 +49,13 @@ def make_shapes_dataset(
                 for i in range(count):
                     draw_shape(name, image_size, rng).save(folder / f"{name}_{i:04d}.png")
         (tmp / COMPLETE_MARKER).write_text("synthetic shapes dataset\n")
-        if root.exists():
+        try:
+            tmp.rename(root)  # atomic; refused when root exists
+        except OSError:
+            if (root / COMPLETE_MARKER).is_file():
+                return  # a run started alongside this one finished first: its copy is the same
             shutil.rmtree(root)  # an incomplete leftover
-        tmp.rename(root)
+            tmp.rename(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -1,30 +1,50 @@
-"""Load checkpoints safely and rebuild the trained model from the checkpoint alone."""
+"""Load checkpoints safely and rebuild the trained model from the checkpoint alone.
+
+Before anything in a checkpoint is used: every zip member's CRC is checked (corrupt files are called
+corrupt), it is loaded with ``torch.load(weights_only=True)`` (tensors and plain values only), its
+hyperparameters may name no callable, its eval transforms only allowed torchvision classes, and its
+weights must be finite and fit the model its class list describes.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision import transforms as T
 
+from src.data.preprocessing import UnsafeTransformError, decode_eval_transforms
 from src.models.classifier import TransferClassifier
+from src.utils.checkpoint_io import verify_checkpoint_file
 from src.utils.errors import UserError
-
-# the only callables a checkpoint may name: torchvision's transforms (for its eval preprocessing)
-ALLOWED_TARGET_PREFIX = "torchvision.transforms."
 
 
 class UnsafeCheckpointError(UserError):
     """The checkpoint holds something other than tensors and plain values."""
 
 
+@dataclass
+class TrainedModel:
+    """A checkpoint's model (eval mode, on its device) and what using it needs."""
+
+    model: TransferClassifier
+    hparams: dict[str, Any]
+    transform: T.Compose  # the checkpoint's deterministic preprocessing
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.hparams["class_names"])
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: tensors and plain values only; anything else is refused unrun."""
+    """The checkpoint's contents, verified whole and plain; nothing in it is run."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist.")
+    verify_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -43,59 +63,76 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_plain_hparams(hparams: Any, path: Path) -> None:
-    """Refuse instantiation hooks (``_instantiator``) and ``_target_`` entries outside torchvision.transforms."""
+    """Refuse hyperparameters that name code: Hydra ``_target_`` or ``_instantiator`` entries anywhere, and a
+    class list that is not a list of distinct names."""
     stack = [hparams]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            if "_instantiator" in item:
+            hooks = {"_target_", "_instantiator", "_partial_", "_args_"} & set(item)
+            if hooks:
                 raise UnsafeCheckpointError(
-                    f"Refusing {path}: its hyperparameters carry an _instantiator entry, "
-                    "which would run code named by the file."
-                )
-            target = item.get("_target_")
-            if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIX):
-                raise UnsafeCheckpointError(
-                    f"Refusing {path}: its hyperparameters name {target!r}; only {ALLOWED_TARGET_PREFIX}* may be named."
+                    f"Refusing {path}: its hyperparameters carry {sorted(hooks)}, which would name code to run."
                 )
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
+    classes = hparams.get("class_names") if isinstance(hparams, dict) else None
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path} records no usable class list (class_names: {classes!r}).")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"{path} lists a class twice: {classes}.")
+    if any(not c or any(ch in c for ch in "\r\n\0") for c in classes):
+        raise UserError(f"{path} has a class name that is empty or holds a line break: {[ascii(c) for c in classes]}.")
 
 
 def eval_transform(hparams: dict[str, Any]) -> T.Compose:
     """The checkpoint's deterministic preprocessing: its eval transforms, ToTensor, Normalize."""
-    from hydra.utils import instantiate
-
     pre = hparams.get("preprocessing") or {}
     if not pre:
         raise UserError("The checkpoint records no preprocessing (trained by an older version?).")
-    steps = []
-    for step in pre["eval_transforms"]:
-        options = dict(step)
-        target = str(options.pop("transform", ""))
-        if not target.startswith(ALLOWED_TARGET_PREFIX):
-            raise UnsafeCheckpointError(f"The checkpoint's eval transform {target!r} is not a torchvision transform.")
-        steps.append(instantiate({"_target_": target, **options}))
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
+    try:
+        return decode_eval_transforms(pre.get("eval_transforms") or [], pre.get("mean") or [], pre.get("std") or [])
+    except UnsafeTransformError as err:
+        raise UnsafeCheckpointError(f"Refusing the checkpoint: {err} Nothing in it was run.") from None
 
 
-def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> TransferClassifier:
-    """The trained model in eval mode, from the checkpoint alone.
+def check_weights(state: dict[str, Any], model: torch.nn.Module, path: Path) -> None:
+    """Name every tensor that is not finite, missing, unexpected or of the wrong shape for ``model``."""
+    expected = model.state_dict()
+    problems = []
+    for key, value in state.items():
+        if key not in expected:
+            problems.append(f"{key}: not a tensor of this model")
+        elif not torch.is_tensor(value) or tuple(value.shape) != tuple(expected[key].shape):
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            problems.append(f"{key}: shape {shape} in the checkpoint, the model needs {tuple(expected[key].shape)}")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            problems.append(f"{key}: holds NaN or infinite values")
+    problems += [f"{key}: missing" for key in expected if key not in state]
+    if problems:
+        classes = len(model.hparams.class_names)
+        listing = "\n".join(f"  {p}" for p in problems[:20])
+        raise UserError(f"{path} does not hold usable weights for its {classes} classes:\n{listing}")
+
+
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
+    """The trained model in eval mode, its hyperparameters and preprocessing, from the checkpoint alone.
 
     A full checkpoint carries the backbone's weights: it is rebuilt with random init and overwritten. A slim
     one (feature extraction) carries the head only and the backbone's weights id and SHA-256: the backbone
     is rebuilt from those weights and the hash must match.
     """
+    path = Path(path)
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
+    transform = eval_transform(hp)  # checked before the model (and its weights files) is touched
     ref = ckpt.get("backbone_ref")
-    backbone = dict(hp["backbone"], weights=ref["weights"] if ref else None)
-    hp["backbone"] = backbone
-    model = TransferClassifier(**hp)
+    model = TransferClassifier(**{**hp, "backbone": dict(hp["backbone"], weights=ref["weights"] if ref else None)})
     state = dict(ckpt["state_dict"])
     if ref:
         model.check_backbone_ref(ref)
         state.update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
+    check_weights(state, model, path)
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return TrainedModel(model.to(device).eval(), hp, transform)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from src.models.schedules import build_schedule, check_schedule_name
 from src.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
+OPTIMIZER_PRESETS = "sgd|adam|adamw|rmsprop"  # conf/model/optimizer/
 
 
 class TransferClassifier(LightningModule):
@@ -30,7 +33,8 @@ class TransferClassifier(LightningModule):
 
     All constructor arguments are plain values (str, float, list, dict), so checkpoints load with
     ``torch.load(weights_only=True)``. ``preprocessing`` (mean, std, eval transforms) makes a checkpoint
-    usable on its own. ``slim_checkpoint``: while the backbone stays frozen and its weights come from a
+    usable on its own; ``data_fingerprint`` (src.data.datamodule.data_fingerprint) lets a resume refuse other
+    data. ``slim_checkpoint``: while the backbone stays frozen and its weights come from a
     hashed file, checkpoints hold the head only plus the backbone's weights id and SHA-256.
     """
 
@@ -44,6 +48,7 @@ class TransferClassifier(LightningModule):
         preprocessing: dict[str, Any] | None = None,
         slim_checkpoint: bool = False,
         data_root: str | None = None,
+        data_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         check_model_config(backbone, head, optimizer, scheduler)
@@ -162,13 +167,30 @@ class TransferClassifier(LightningModule):
         sched_cfg = dict(self.hparams.scheduler or {})
         name = sched_cfg.get("name")
         scheduler = (
-            build_schedule(optimizer, self.trainer.estimated_stepping_batches, name, **sched_cfg.get(name) or {})
+            build_schedule(optimizer, self.total_training_steps(), name, **sched_cfg.get(name) or {})
             if name not in (None, "none")
             else None
         )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_training_steps(self) -> int:
+        """The optimizer steps of the whole fit, as ``Trainer.estimated_stepping_batches`` counts them, but on
+        a fresh train loader from the datamodule.
+
+        That property sets up the trainer's own train loader and iterator when first read, here in
+        configure_optimizers, which a resumed run calls before it restores its loops (Lightning 2.6): the
+        first resumed epoch then replayed epoch 0's order and missed the batches a mid-epoch resume skips.
+        """
+        trainer = self.trainer
+        if trainer.datamodule is None:
+            return int(trainer.estimated_stepping_batches)
+        batches = len(trainer.datamodule.train_dataloader())  # a loader object only: no worker, no iteration
+        limit = trainer.limit_train_batches
+        batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs or 1, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ------------------------------------------------------------------------------------- checkpoints
 
@@ -222,11 +244,27 @@ def check_model_config(
 
 
 def check_optimizer(optimizer: dict[str, Any]) -> None:
-    """Fail early, with the fix, on an unknown optimizer or a non-positive learning rate."""
-    name = optimizer.get("name")
+    """Fail early, with the fix, on an unknown optimizer, a setting it does not take, or a value it refuses.
+
+    The optimizer is built once over a dummy parameter: torch itself checks its arguments (momentum >= 0,
+    betas in [0, 1), ...), so every optimizer is checked by its own rules.
+    """
+    options = dict(optimizer)
+    name = options.pop("name", None)
     cls = getattr(torch.optim, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(f"model.optimizer.name={name!r} is not a torch.optim optimizer (SGD, Adam, AdamW, ...).")
-    lr = optimizer.get("lr")
-    if not isinstance(lr, int | float) or lr <= 0:
+    lr = options.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"model.optimizer.lr must be a positive number, got {lr!r}.")
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"torch.optim.{name} takes no {', '.join(f'model.optimizer.{k}' for k in unknown)} (its settings: "
+            f"{', '.join(accepted)}). Switch optimizers with their own settings: model/optimizer={OPTIMIZER_PRESETS}."
+        )
+    try:
+        cls([torch.zeros(1, requires_grad=True)], **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.optimizer ({name}): {err}") from None

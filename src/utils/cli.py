@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import secrets
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,8 +14,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 
 from src.utils.errors import UserError
+from src.utils.processes import stop_on_sigterm
 
 log = logging.getLogger("src")
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
@@ -30,6 +34,22 @@ def user_error_in(exc: BaseException | None) -> UserError | None:
     return None
 
 
+def unique_dir(base: str) -> str:
+    """``base`` plus a short random suffix, created here atomically (retrying on a clash): runs started in
+    the same second never share a folder. Hydra's config cache resolves it once per run or sweep."""
+    while True:
+        path = f"{base}_{secrets.token_hex(2)}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+# hydra.run.dir / hydra.sweep.dir: ${unique_dir:.../${now:...}} (conf/hydra/default.yaml)
+OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+
+
 def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Wrap a Hydra task: a UserError is logged alone and exits 1 (in a sweep, only that job fails).
 
@@ -38,10 +58,11 @@ def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     @functools.wraps(task)
     def wrapper(cfg: Any) -> Any:
+        stop_on_sigterm()  # data preparation, evaluation, prediction: SIGTERM ends them through the path below
         try:
             return task(cfg)
         except SIGTERMException:
-            # Lightning stopped training on SIGTERM (and a checkpoint was saved): say so with a failing status
+            # Lightning stopped training on SIGTERM (a checkpoint was saved), or it came in another phase
             log.error("Stopped by SIGTERM; exit status %d.", SIGTERM_EXIT)
             sys.exit(SIGTERM_EXIT)
         except Exception as exc:

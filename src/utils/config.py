@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.errors import ConfigError
 from src.utils.io import atomic_write
 
 
@@ -31,3 +32,10 @@ def save_config(cfg: DictConfig, output_dir: Path) -> str:
     atomic_write(output_dir / "config_tree.txt", lambda f: f.write(tree + "\n"))
     atomic_write(output_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)))
     return tree
+
+
+def check_trainer_settings(trainer: DictConfig) -> None:
+    """Raise ConfigError, before any data work, on trainer values that would run nothing or fail late."""
+    epochs = trainer.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be a whole number of at least 1, got {epochs!r}.")

@@ -1,55 +1,85 @@
-"""Which checkpoint a run resumes from, checked before training starts."""
+"""Which checkpoint a run resumes from, and whether it may: checked before training starts."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from src.utils.checkpoint_io import CorruptCheckpointError, newest_readable_checkpoint, verify_checkpoint_file
 from src.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool = True) -> str | None:
+@dataclass
+class Resume:
+    """A checked checkpoint to resume from, with the hyperparameters it was trained with."""
+
+    path: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool = True) -> Resume | None:
     """The checkpoint to resume from, checked before training: never a silent start from scratch.
 
     ``last`` means this run folder's checkpoints/last.ckpt; ``auto`` the same when it exists, else a fresh
-    start, said in the log (for jobs a cluster requeues with the same command). A missing or unreadable
-    file is a UserError naming it and, for a corrupt one, the newest readable checkpoint beside it.
-    ``cleanup`` removes temp files of checkpoint writes a kill cut short.
+    start, said in the log (for jobs a cluster requeues with the same command). A missing or corrupt file
+    is a UserError naming it and the newest whole checkpoint beside it. ``cleanup`` removes temp files of
+    checkpoint writes a kill cut short from ``checkpoint_dir``, whether or not the run resumes.
     """
+    if cleanup:
+        for orphan in checkpoint_dir.glob(".*.ckpt.*.tmp"):  # a write cut short by a kill; the old file is whole
+            log.info("Removing %s, a checkpoint write that was interrupted", orphan)
+            orphan.unlink(missing_ok=True)
     if ckpt_path is None:
         return None
     path = checkpoint_dir / "last.ckpt" if str(ckpt_path) in ("last", "auto") else Path(ckpt_path)
-    if cleanup:
-        for orphan in path.parent.glob(".*.ckpt.*.tmp"):  # a write cut short by a kill; the old file is whole
-            log.info("Removing %s, a checkpoint write that was interrupted", orphan)
-            orphan.unlink(missing_ok=True)
     if str(ckpt_path) == "auto" and not path.exists():
         log.info("ckpt_path=auto: no %s yet, starting from scratch", path)
         return None
+
+    def refuse(problem: str) -> UserError:
+        good = newest_readable_checkpoint(path.parent, exclude=path) if path.parent.is_dir() else None
+        hint = f"The newest whole checkpoint there is {good}: resume with ckpt_path={good}" if good else ""
+        if not good:
+            hint = "Resume a run in its own folder: hydra.run.dir=logs/train/runs/<run> ckpt_path=last."
+        return UserError(f"Cannot resume: {problem} {hint}")
+
     if not path.is_file():
+        raise refuse(f"{path} does not exist.")
+    try:
+        verify_checkpoint_file(path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except CorruptCheckpointError as err:
+        raise refuse(f"{err}") from None
+    except Exception as err:
+        raise refuse(f"{path} is corrupt or not a plain checkpoint ({type(err).__name__}).") from None
+    return Resume(str(path), dict(ckpt.get("hyper_parameters") or {}))
+
+
+def check_same_data(resume: Resume, classes: list[str], fingerprint: str | None, allow_new_data: bool) -> None:
+    """Refuse to continue a run on another dataset: other classes always, other files unless allowed.
+
+    Lightning would load the head happily when the class count matches, train on relabelled images and
+    keep the old class names in the checkpoint.
+    """
+    saved = list(resume.hparams.get("class_names") or [])
+    if saved and saved != list(classes):
         raise UserError(
-            f"Cannot resume: {path} does not exist. Resume a run in its own folder: "
-            "hydra.run.dir=logs/train/runs/<date_time> ckpt_path=last (with the run's other overrides)."
+            f"Cannot resume {resume.path}: it was trained on the classes {saved}, but this dataset has "
+            f"{list(classes)}. Resume with the dataset it was trained on (data.root=...), or start a new run."
         )
-
-    def readable(p: Path) -> bool:
-        try:
-            torch.load(p, map_location="cpu", weights_only=True)
-            return True
-        except Exception:
-            return False
-
-    if not readable(path):
-        others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
-        good = next((p for p in reversed(others) if readable(p)), None)
-        hint = (
-            f"The newest readable checkpoint there is {good}: resume with ckpt_path={good}"
-            if good
-            else ("No other readable checkpoint is there.")
+    before = resume.hparams.get("data_fingerprint")
+    if before and fingerprint and before != fingerprint:
+        if allow_new_data:
+            log.warning("Resuming %s on data other than it was trained on (allow_new_data=true)", resume.path)
+            return
+        raise UserError(
+            f"Cannot resume {resume.path}: the images under data.root are not the ones it was trained on (same "
+            f"classes, other files or contents: data fingerprint {fingerprint[:12]}… vs {before[:12]}…). Point "
+            "data.root at that dataset, or continue on the new data on purpose with allow_new_data=true."
         )
-        raise UserError(f"Cannot resume: {path} is corrupt or truncated. {hint}")
-    return str(path)

@@ -1,0 +1,49 @@
+"""Worker processes that never outlive the run that started them, and SIGTERM as an exception.
+
+A worker blocked on its task queue does not notice its parent was killed (kill -9 gives it no chance to
+clean up): it would wait forever, holding its memory. On Linux the kernel can send the child a signal the
+moment its parent dies (PR_SET_PDEATHSIG); workers call ``die_with_parent`` first thing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+from types import FrameType
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent exits (Linux; elsewhere nothing happens).
+
+    The parent may have died between the fork and this call: then this process ends at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _raise_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside training: stop where the program stands, through the usual exception path.
+
+    Inside ``Trainer.fit`` Lightning installs its own handler, which saves a checkpoint at the next batch
+    end and calls this one too: it then only notes the signal (Lightning stops the run itself).
+    """
+    if signal.getsignal(signal.SIGTERM) is not _raise_sigterm:
+        return
+    raise SIGTERMException(143)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise SIGTERMException in the main thread (data preparation, evaluation, prediction)."""
+    signal.signal(signal.SIGTERM, _raise_sigterm)

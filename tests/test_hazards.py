@@ -1,0 +1,165 @@
+"""What real folders, disks and process tables throw at a run: each gets one clear message or is listed and
+skipped; nothing hangs, nothing is left running, files follow the umask, runs never share a folder."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from src.data.datamodule import ImageFolderDataModule
+from src.utils.cli import unique_dir
+from src.utils.errors import DatasetError
+from src.utils.io import DiskFullError, atomic_write, write_csv
+from src.utils.log_files import ResilientFileHandler
+from tests.conftest import REPO, make_imagefolder
+
+SMALL = {"train_transforms": [], "eval_transforms": [], "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def datamodule(root: Path, **kwargs) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(root, **SMALL, num_workers=0, preflight_cache_dir=None, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_links_fifos_odd_names_and_gifs_are_used_or_listed_never_opened_blindly(tmp_path):
+    root = make_imagefolder(tmp_path / "d", per_split={"train": 4, "val": 2})
+    ants = root / "train" / "ants"
+    os.symlink(tmp_path / "nowhere.jpg", ants / "dangling.jpg")
+    os.mkfifo(ants / "pipe.jpg")  # opening it for reading would block forever
+    (ants / "folder.jpg").mkdir()
+    odd = os.path.join(os.fsencode(ants), b"caf\xe9.png")  # not UTF-8
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(odd.decode("utf-8", "surrogateescape"), format="PNG")
+    frames = [Image.new("RGB", (32, 32), (i * 60, 0, 0)) for i in range(3)]
+    frames[0].save(ants / "anim.gif", save_all=True, append_images=frames[1:])
+    dm = datamodule(root, max_bad_fraction=0.5)
+    reasons = {Path(p).name: r for _, p, r in dm.skipped}
+    assert reasons == {
+        "dangling.jpg": "dangling symlink (its target does not exist)",
+        "pipe.jpg": "not a regular file (a FIFO)",
+    }
+    used = {Path(p).name for p, _ in dm.datasets["train"].samples}
+    assert {"anim.gif", "caf\udce9.png"} <= used and dm.class_counts["train"]["ants"] == 4 + 2
+    out = tmp_path / "skipped.csv"
+    write_csv(out, ["split", "path"], [("train", p) for p, _ in dm.datasets["train"].samples])
+    assert b"caf\xe9.png" in out.read_bytes()  # the file's own bytes, not a crash
+
+
+def test_class_names_that_would_break_labels_are_refused(tmp_path):
+    root = make_imagefolder(tmp_path / "nl", per_split={"train": 2, "val": 1})
+    for split in ("train", "val"):
+        (root / split / "bees").rename(root / split / "b\nx")
+    with pytest.raises(DatasetError, match="line breaks"):
+        datamodule(root)
+    root = make_imagefolder(tmp_path / "nfc", classes=("caf\u00e9", "tea"), per_split={"train": 2, "val": 1})
+    (root / "val" / "caf\u00e9").rename(root / "val" / "cafe\u0301")  # NFD, as macOS writes it
+    with pytest.raises(DatasetError, match="different Unicode forms"):
+        datamodule(root)
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda f: f.write("x"))
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.txt", lambda f: f.write("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_full_disk_is_one_message_and_leaves_nothing_partial(tmp_path):
+    def fill(f):
+        f.write("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=f"No space left on the disk holding {tmp_path}"):
+        atomic_write(tmp_path / "x.json", fill)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_log_file_survives_odd_names_and_stops_once_on_a_full_disk(tmp_path, capsys):
+    handler = ResilientFileHandler(str(tmp_path / "run.log"))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("t", logging.INFO, "", 0, "file %s", ("caf\udce9.jpg",), None)
+    handler.emit(record)
+    handler.flush()
+    assert "caf\\udce9.jpg" in (tmp_path / "run.log").read_text()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    handler.stream.write = full
+    for _ in range(3):
+        handler.emit(record)
+    err = capsys.readouterr().err
+    assert err.count("stopped: No space left on device") == 1 and "Traceback" not in err
+    handler.close()
+
+
+def test_runs_started_together_get_their_own_folders(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = str(tmp_path / "runs" / "2026-01-01_00-00-00")
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: unique_dir(base), range(64)))
+    assert len(set(dirs)) == 64 and all(Path(d).is_dir() and d.startswith(base + "_") for d in dirs)
+
+
+# a scan whose every file takes 0.2 s, in a process that reports its pool workers and then waits for a signal
+SCAN = textwrap.dedent(
+    """
+    import os, sys, time
+    import src.data.preflight as preflight
+    from src.utils.cli import report_user_errors
+
+    def slow(path):
+        time.sleep(0.2)
+        return None, "0" * 64
+
+    preflight.check_file = slow
+    paths = [sys.argv[1]] * 400
+
+    @report_user_errors
+    def main(cfg):
+        preflight.scan(paths, workers=2, cache_dir=None)
+
+    main(None)
+    """
+)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_run_stopped_during_preflight_leaves_no_worker_behind(tmp_path, signum):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    proc = subprocess.Popen([sys.executable, "-c", SCAN, str(image)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(workers := children(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the scan started no pool workers"
+    time.sleep(0.5)
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (143 if signum == signal.SIGTERM else -signal.SIGKILL), err[-2000:]
+    if signum == signal.SIGTERM:
+        assert "Stopped by SIGTERM" in err and "Traceback" not in err
+    time.sleep(1.0)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text()]
+    assert alive == [], f"workers outlived the run: {alive}"

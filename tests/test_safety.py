@@ -1,0 +1,159 @@
+"""Hostile and damaged checkpoints run nothing and are named for what they are; config mistakes stop a run
+before any data work, each with one message."""
+
+from __future__ import annotations
+
+import copy
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.data.preprocessing import decode_eval_transforms, encode_eval_transforms, resolve_transform
+from src.inference.checkpoint import UnsafeCheckpointError, load_trained
+from src.models.classifier import TransferClassifier, check_optimizer
+from src.utils.checkpoint_io import CorruptCheckpointError
+from src.utils.config import check_trainer_settings
+from src.utils.errors import ConfigError, UserError
+from tests.conftest import REPO
+
+RESIZE = {"transform": "torchvision.transforms.Resize", "size": 64}
+CROP = {"transform": "torchvision.transforms.CenterCrop", "size": 56}
+# names that start like a transform but resolve, attribute by attribute, to something that writes files
+PAYLOADS = (
+    "torchvision.transforms.transforms.torch.save",
+    "torchvision.transforms.v2._utils.torch.save",
+    "torchvision.transforms.transforms.torch.load",
+    "torchvision.transforms.functional.torch.save",
+    "torchvision.transforms.Lambda",
+    "torchvision.transforms.transforms.os.system",
+    "os.system",
+    "builtins.eval",
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> dict:
+    """A plain checkpoint as training writes it: lite0 (random init, so no weights file), a 2-class head."""
+    torch.manual_seed(0)
+    hparams = {
+        "class_names": ["ants", "bees"],
+        "backbone": {"name": "efficientnet_lite0", "weights": None, "channels_last": False},
+        "head": {"hidden_dim": 8, "dropout": 0.0},
+        "optimizer": {"name": "SGD", "lr": 0.01, "momentum": 0.9},
+        "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "eval_transforms": [RESIZE, CROP]},
+    }
+    model = TransferClassifier(**hparams)
+    return {"state_dict": model.state_dict(), "hyper_parameters": hparams}
+
+
+def save(ckpt: dict, path: Path, **hparams_changes) -> Path:
+    ckpt = copy.deepcopy(ckpt)
+    ckpt["hyper_parameters"].update(hparams_changes)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_plain_checkpoint_loads_and_predicts(checkpoint, tmp_path):
+    loaded = load_trained(save(checkpoint, tmp_path / "ok.ckpt"))
+    assert loaded.classes == ["ants", "bees"]
+    assert [type(t).__name__ for t in loaded.transform.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    with torch.inference_mode():
+        assert loaded.model(torch.randn(2, 3, 56, 56)).exp().sum(1).allclose(torch.ones(2))
+
+
+@pytest.mark.parametrize("target", PAYLOADS)
+def test_a_payload_in_the_recorded_transforms_never_runs(checkpoint, tmp_path, target):
+    sentinel = tmp_path / "pwned"
+    evil = {"transform": target, "obj": 1, "f": str(sentinel)}
+    path = save(
+        checkpoint,
+        tmp_path / "evil.ckpt",
+        preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3, "eval_transforms": [RESIZE, evil]},
+    )
+    with pytest.raises(UnsafeCheckpointError, match="not one of the allowed transforms"):
+        load_trained(path)
+    assert not sentinel.exists()
+
+
+def test_transform_names_resolve_by_identity():
+    from torchvision import transforms as T
+
+    assert resolve_transform("torchvision.transforms.Resize") is T.Resize
+    assert resolve_transform("torchvision.transforms.transforms.Resize") is T.Resize  # the defining module
+    for name in (*PAYLOADS, "torchvision.transforms.Resize.__init__", "torchvision.transforms.__class__", "x y"):
+        with pytest.raises(UserError):
+            resolve_transform(name)
+
+
+def test_options_must_be_plain_and_nothing_is_built_before_every_step_is_checked(tmp_path):
+    with pytest.raises(UserError, match="plain"):
+        decode_eval_transforms([{**RESIZE, "size": {"_target_": "os.system"}}], [0.5] * 3, [0.5] * 3)
+    with pytest.raises(ConfigError, match="data.eval_transforms"):  # caught at training time, before data work
+        encode_eval_transforms([{"_target_": "torchvision.transforms.Lambda", "lambd": "x"}])
+    assert encode_eval_transforms([{"_target_": "torchvision.transforms.Resize", "size": 256}]) == [
+        {"transform": "torchvision.transforms.Resize", "size": 256}
+    ]
+
+
+@pytest.mark.parametrize("damage", ["crc", "truncated", "random", "empty"])
+def test_damaged_checkpoints_are_called_corrupt(checkpoint, tmp_path, damage):
+    path = save(checkpoint, tmp_path / "x.ckpt")
+    data = bytearray(path.read_bytes())
+    if damage == "crc":  # zeros inside the largest tensor: the archive is whole, one member fails its CRC
+        with zipfile.ZipFile(path) as z:
+            info = max(z.infolist(), key=lambda i: i.file_size)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 100
+        data[start : start + 64] = bytes(64)
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "random":
+        data = bytearray(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="corrupt"):
+        load_trained(path)
+
+
+def test_non_finite_and_misshapen_weights_are_named(checkpoint, tmp_path):
+    nan = copy.deepcopy(checkpoint)
+    nan["state_dict"]["head.0.weight"] = torch.full_like(nan["state_dict"]["head.0.weight"], float("nan"))
+    with pytest.raises(UserError, match=r"head\.0\.weight: holds NaN"):
+        load_trained(save(nan, tmp_path / "nan.ckpt"))
+    shape = copy.deepcopy(checkpoint)
+    shape["state_dict"]["head.3.weight"] = torch.zeros(5, 8)
+    with pytest.raises(UserError, match=r"head\.3\.weight: shape \(5, 8\) in the checkpoint, the model needs \(2, 8\)"):
+        load_trained(save(shape, tmp_path / "shape.ckpt"))
+    with pytest.raises(UserError, match="line break"):
+        load_trained(save(checkpoint, tmp_path / "nl.ckpt", class_names=["ants", "b\nx"]))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_every_optimizer_preset_is_valid_by_its_own_rules(name):
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "optimizer" / f"{name}.yaml"))
+    check_optimizer(preset)
+    assert getattr(torch.optim, preset["name"]).__name__.lower() == name
+
+
+def test_optimizer_settings_are_checked_by_the_optimizer_they_belong_to():
+    with pytest.raises(ConfigError, match=r"takes no model\.optimizer\.momentum.*model/optimizer=sgd\|adam"):
+        check_optimizer({"name": "Adam", "lr": 0.01, "momentum": 0.9})
+    with pytest.raises(ConfigError, match="momentum"):
+        check_optimizer({"name": "SGD", "lr": 0.01, "momentum": -1})
+    with pytest.raises(ConfigError, match="beta"):
+        check_optimizer({"name": "AdamW", "lr": 0.01, "betas": [1.5, 0.9]})
+    with pytest.raises(ConfigError, match="lr"):
+        check_optimizer({"name": "SGD", "lr": 0})
+
+
+@pytest.mark.parametrize("epochs", [0, -1, 1.5, None, True])
+def test_max_epochs_must_be_at_least_one(epochs):
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ConfigError, match="trainer.max_epochs"):
+        check_trainer_settings(OmegaConf.create({"max_epochs": epochs}))
+    check_trainer_settings(OmegaConf.create({"max_epochs": 1}))

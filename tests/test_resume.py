@@ -98,7 +98,11 @@ def test_ten_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matche
             hit = wait_for(lambda: any(ckpts.glob(".*.tmp")), proc, poll=0.0005)
             where = "checkpoint write"
         else:  # during training: a random moment after the first training step of this attempt
-            hit = wait_for(lambda log=log: "Epoch " in log.read_text(errors="replace"), proc, poll=0.01)
+            # once training runs and a checkpoint exists: a kill before the first save only restarts the run
+            def training(log=log) -> bool:
+                return "Epoch " in log.read_text(errors="replace") and (ckpts / "last.ckpt").exists()
+
+            hit = wait_for(training, proc, poll=0.01)
             time.sleep(rng.uniform(0.0, 1.5))
             where = "training"
         os.kill(proc.pid, signal.SIGKILL)
@@ -240,10 +244,11 @@ def interrupt(kind: str, epoch: int) -> list[str]:
     "args, interruptions",
     [
         (["experiment=lite0_fe", "trainer.max_epochs=3", "data.batch_size=4"], [("stop", 1)]),  # default cache K=1
+        (["experiment=lite0_fe", "trainer.max_epochs=3", "data.batch_size=4"], [("sigterm", 2)]),
         (FT, [("stop", 1), ("stop", 2)]),  # fine-tuning, resumed before each unfreeze stage
         (FT, [("sigterm", 2)]),  # fine-tuning, mid-epoch in the first unfrozen stage
     ],
-    ids=["fe-default-cache", "finetune-every-stage", "finetune-mid-epoch"],
+    ids=["fe-default-cache", "fe-default-cache-mid-epoch", "finetune-every-stage", "finetune-mid-epoch"],
 )
 def test_resume_is_exact_with_the_default_cache_and_at_every_fine_tuning_stage(
     small_data, tmp_path, args, interruptions

@@ -244,18 +244,21 @@ class ImageFolderDataModule(LightningDataModule):
         """Training: the seeded epoch order, this rank's share of it, resumable mid-epoch. Evaluation: in
         order; with several processes each takes every W-th item (Lightning's own distributed sampler is off
         in conf/trainer/ddp.yaml: it would reshuffle the seeded order and pad evaluation sets)."""
-        # own generator: creating an iterator draws its worker seed from it, never from the global RNG
-        # (dropout's), so a resumed run draws the same dropout masks as one that never stopped
-        options: dict[str, Any] = {"generator": None if self.seed is None else torch.Generator().manual_seed(self.seed)}
-        if split in self.feature_sets:
+        options: dict[str, Any] = {}
+        if (
+            split in self.feature_sets
+        ):  # their iterators draw a worker seed from the global RNG (src.callbacks.rng_state)
             dataset, sampler, batch_size = self.feature_sets[split]
         else:
             dataset, sampler = self.datasets[split], None
             batch_size = self.batch_size if split == "train" else self.eval_batch_size
-            options.update(self._worker_options(seed_workers=True))
-            if self.seed is not None and shuffle:
-                sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
-                dataset = SeededItems(dataset, self.seed)
+            options = self._worker_options(seed_workers=True)
+            if self.seed is not None:
+                # own generator: creating the loader draws nothing from the global RNG (dropout's)
+                options["generator"] = torch.Generator().manual_seed(self.seed)
+                if shuffle:
+                    sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
+                    dataset = SeededItems(dataset, self.seed)
         rank, world = self._ranks()
         if shuffle and sampler is None and world > 1:
             raise ConfigError("Training on several processes needs a seed (seed=42): every rank must shuffle alike.")

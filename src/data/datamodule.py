@@ -245,9 +245,7 @@ class ImageFolderDataModule(LightningDataModule):
         order; with several processes each takes every W-th item (Lightning's own distributed sampler is off
         in conf/trainer/ddp.yaml: it would reshuffle the seeded order and pad evaluation sets)."""
         options: dict[str, Any] = {}
-        if (
-            split in self.feature_sets
-        ):  # their iterators draw a worker seed from the global RNG (src.callbacks.rng_state)
+        if split in self.feature_sets:  # no generator: see src.callbacks.rng_state for their one draw an epoch
             dataset, sampler, batch_size = self.feature_sets[split]
         else:
             dataset, sampler = self.datasets[split], None

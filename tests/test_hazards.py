@@ -145,6 +145,7 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_a_run_stopped_during_preflight_leaves_no_worker_behind(tmp_path, signum):
     image = tmp_path / "a.png"

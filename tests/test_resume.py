@@ -240,6 +240,7 @@ def interrupt(kind: str, epoch: int) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, interruptions",
     [
@@ -272,6 +273,7 @@ def test_resume_is_exact_with_the_default_cache_and_at_every_fine_tuning_stage(
             assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key, a[key], b[key])
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_dataset_unless_asked(small_data, tmp_path):
     base = ["experiment=lite0_fe", "trainer.max_epochs=2", "data.batch_size=4"]
     train_in(tmp_path / "run", *base, f"data.root={small_data}", *stop_after(1))

@@ -16,8 +16,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from src.data.datamodule import default_num_workers
-from src.data.images import RGBLoader, has_image_extension
-from src.data.preflight import scan
+from src.data.images import RGBLoader
+from src.data.preflight import ignored_files, scan
 from src.inference.checkpoint import load_trained
 from src.inference.evaluate import evaluate_split, write_reports
 from src.utils.cli import pick_device, report_user_errors
@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> float:
     if found != classes:
         raise DatasetError(f"{folder} has classes {found}; the checkpoint was trained on {classes}.")
     loader = RGBLoader(cfg.data.decode_min_side)
-    dataset = ImageFolder(str(folder), trained.transform, loader=loader, is_valid_file=has_image_extension)
+    dataset = ImageFolder(str(folder), trained.transform, loader=loader)
     workers = default_num_workers() if cfg.data.num_workers is None else int(cfg.data.num_workers)
     out_dir = Path(cfg.paths.output_dir)
     skip_unusable(dataset, split, max(1, workers), cfg.data.preflight_cache_dir, out_dir)
@@ -60,9 +60,8 @@ def skip_unusable(dataset: ImageFolder, split: str, workers: int, cache_dir: str
     """Leave out the files training would skip (the same preflight), listed in skipped_files.csv."""
     paths = [p for p, _ in dataset.samples]
     bad, _ = scan(paths, workers, cache_dir)
-    write_csv(
-        out_dir / "skipped_files.csv", ["split", "path", "reason"], [(split, p, bad[p]) for p in paths if p in bad]
-    )
+    rows = [(split, p, why) for p, why in ignored_files(dataset.root)] + [(split, p, bad[p]) for p in paths if p in bad]
+    write_csv(out_dir / "skipped_files.csv", ["split", "path", "reason"], rows)
     if not bad:
         return
     dataset.samples = [(p, c) for p, c in dataset.samples if p not in bad]

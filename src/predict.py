@@ -12,8 +12,9 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from src.data.images import IMAGE_EXTENSIONS, has_image_extension, load_rgb
+from src.data.images import load_rgb
 from src.data.preflight import not_a_regular_file
 from src.inference.checkpoint import load_trained
 from src.utils.cli import pick_device, report_user_errors
@@ -29,9 +30,9 @@ def image_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UserError(f"input {path} does not exist.")
-    files = sorted(p for p in path.rglob("*") if has_image_extension(p) and not p.is_dir())
+    files = sorted(p for p in path.rglob("*") if p.name.lower().endswith(IMG_EXTENSIONS) and not p.is_dir())
     if not files:
-        raise UserError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}.")
+        raise UserError(f"No image files ({', '.join(IMG_EXTENSIONS)}) under {path}.")
     return files
 
 

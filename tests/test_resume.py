@@ -292,3 +292,23 @@ def test_resume_refuses_another_dataset_unless_asked(small_data, tmp_path):
         assert len(train_in(tmp_path / "run2", *base, f"data.root={moved}", "ckpt_path=last")["history"]) == 2
     finally:
         moved.rename(small_data)
+
+
+def test_last_means_where_the_run_stopped_even_when_last_ckpt_was_never_written(tmp_path):
+    from src.utils.resume import resume_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    with pytest.raises(UserError, match="Cannot resume.*last.ckpt does not exist"):
+        resume_checkpoint("last", ckpts)
+    assert resume_checkpoint("auto", ckpts) is None  # nothing yet: a fresh start
+    # killed between Lightning's two saves of an epoch's end: epoch_000.ckpt holds the state last.ckpt would
+    torch.save({"hyper_parameters": {"class_names": ["a", "b"]}}, ckpts / "epoch_000.ckpt")
+    (ckpts / ".last.ckpt.x1.tmp").write_bytes(b"partial")
+    for how in ("last", "auto"):
+        resume = resume_checkpoint(how, ckpts)
+        assert resume.path == str(ckpts / "epoch_000.ckpt") and resume.hparams["class_names"] == ["a", "b"]
+    assert not (ckpts / ".last.ckpt.x1.tmp").exists()
+    (ckpts / "last.ckpt").write_bytes(b"torn")  # a damaged last.ckpt is an error, never skipped over
+    with pytest.raises(UserError, match="last.ckpt is corrupt.*epoch_000.ckpt"):
+        resume_checkpoint("last", ckpts)

@@ -20,8 +20,8 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from src.data.images import RGBLoader, has_image_extension
-from src.data.preflight import cross_split_duplicates, hidden_class_folders, scan, symlink_loops
+from src.data.images import RGBLoader
+from src.data.preflight import cross_split_duplicates, hidden_class_folders, ignored_files, scan, symlink_loops
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
@@ -145,9 +145,7 @@ class ImageFolderDataModule(LightningDataModule):
         for split in present:
             transform = self.train_transform if split == "train" else self.eval_transform
             try:
-                self.datasets[split] = ImageFolder(
-                    str(self.split_dir(split)), transform, loader=self.loader, is_valid_file=has_image_extension
-                )
+                self.datasets[split] = ImageFolder(str(self.split_dir(split)), transform, loader=self.loader)
             except FileNotFoundError as err:
                 raise DatasetError(f"{self.split_dir(split)}: {err}") from None
         self.preflight()
@@ -182,11 +180,18 @@ class ImageFolderDataModule(LightningDataModule):
         usable = {split: [p for p, _ in ds.samples if p not in bad] for split, ds in self.datasets.items()}
         self.check_duplicates(usable, digests)
         self.fingerprint = data_fingerprint(self.root, self.datasets, digests, bad)
+        ignored = [(split, p, why) for split, ds in self.datasets.items() for p, why in ignored_files(ds.root)]
+        self.skipped = ignored
+        if ignored:
+            log.info(
+                "Ignoring %d files that are not images by their extension (listed in skipped_files.csv)", len(ignored)
+            )
         if not bad:
             return
-        self.skipped = [(split, p, bad[p]) for split, ds in self.datasets.items() for p, _ in ds.samples if p in bad]
-        listing = "\n".join(f"  {split}: {p}: {reason}" for split, p, reason in self.skipped[:50])
-        more = f"\n  ... and {len(self.skipped) - 50} more" if len(self.skipped) > 50 else ""
+        self.skipped += [(split, p, bad[p]) for split, ds in self.datasets.items() for p, _ in ds.samples if p in bad]
+        unusable = self.skipped[len(ignored) :]
+        listing = "\n".join(f"  {split}: {p}: {reason}" for split, p, reason in unusable[:50])
+        more = f"\n  ... and {len(unusable) - 50} more" if len(unusable) > 50 else ""
         fraction = len(bad) / len(paths)
         if self.bad_files == "error" or fraction > self.max_bad_fraction:
             why = (

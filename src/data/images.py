@@ -7,18 +7,9 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-# torchvision's list plus GIF (PIL decodes its first frame): a .gif in a class folder is used, not dropped
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 
 # 16- and 32-bit greyscale modes: PIL's convert() clips them to 255 instead of scaling
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-
-
-def has_image_extension(path: str | os.PathLike) -> bool:
-    """True for a file name ending in one of IMAGE_EXTENSIONS (any case): what counts as an image file."""
-    return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
 def load_rgb(path: str | os.PathLike | BinaryIO, min_side: int | None = None) -> Image.Image:

@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from src.data.images import load_rgb
 from src.utils.errors import UserError
@@ -63,6 +64,25 @@ def decode_problem(data: bytes) -> str | None:
     except Exception as err:  # truncated, corrupt, unreadable: whatever a decoder raises on malformed bytes
         return f"unreadable: {type(err).__name__}: {err}"
     return None
+
+
+def ignored_files(split_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, reason) of every file under a split's class folders that ImageFolder passes over for its
+    extension: the seed recipe (torchvision's ImageFolder) never trains on them, and now a user sees them.
+    GIFs are among them (often animations, or placeholders such as hymenoptera's imageNotFound.gif)."""
+    found = []
+    types = ", ".join(IMG_EXTENSIONS)
+    for class_dir in sorted(Path(split_dir).iterdir()):
+        if not class_dir.is_dir() or class_dir.name.startswith("."):
+            continue
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):  # loops were refused before
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not name.lower().endswith(IMG_EXTENSIONS):
+                    ext = os.path.splitext(name)[1] or "no extension"
+                    reason = f"ignored: {ext} is not an image type ImageFolder reads ({types}); convert it to use it"
+                    found.append((os.path.join(dirpath, name), reason))
+    return found
 
 
 def not_a_regular_file(path: str) -> str | None:

@@ -26,7 +26,8 @@ class Resume:
 def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool = True) -> Resume | None:
     """The checkpoint to resume from, checked before training: never a silent start from scratch.
 
-    ``last`` means this run folder's checkpoints/last.ckpt; ``auto`` the same when it exists, else a fresh
+    ``last`` means this run folder's checkpoints/last.ckpt (or, when a kill came before it was written, the
+    newest whole checkpoint there, said in the log); ``auto`` the same when there is one, else a fresh
     start, said in the log (for jobs a cluster requeues with the same command). A missing or corrupt file
     is a UserError naming it and the newest whole checkpoint beside it. ``cleanup`` removes temp files of
     checkpoint writes a kill cut short from ``checkpoint_dir``, whether or not the run resumes.
@@ -38,8 +39,8 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool
     if ckpt_path is None:
         return None
     path = checkpoint_dir / "last.ckpt" if str(ckpt_path) in ("last", "auto") else Path(ckpt_path)
-    if str(ckpt_path) == "auto" and not path.exists():
-        log.info("ckpt_path=auto: no %s yet, starting from scratch", path)
+    if str(ckpt_path) == "auto" and not any(path.parent.glob("*.ckpt")):
+        log.info("ckpt_path=auto: no checkpoint in %s yet, starting from scratch", path.parent)
         return None
 
     def refuse(problem: str) -> UserError:
@@ -49,6 +50,17 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path, cleanup: bool
             hint = "Resume a run in its own folder: hydra.run.dir=logs/train/runs/<run> ckpt_path=last."
         return UserError(f"Cannot resume: {problem} {hint}")
 
+    if str(ckpt_path) in ("last", "auto") and not path.exists():
+        # a kill between Lightning's two saves of an epoch's end (epoch_NNN.ckpt, then last.ckpt) leaves the
+        # same state under the other name: that is where this run stopped
+        newest = newest_readable_checkpoint(path.parent) if path.parent.is_dir() else None
+        if newest is not None:
+            log.warning(
+                "%s was never written (the run stopped before it); resuming from %s, its newest whole checkpoint",
+                path.name,
+                newest,
+            )
+            path = newest
     if not path.is_file():
         raise refuse(f"{path} does not exist.")
     try:

@@ -7,6 +7,7 @@ a short table. Unreadable files get a row with their error; the others go on.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -29,7 +30,8 @@ def image_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"input {path} does not exist.")
+        problem = not_a_regular_file(str(path)) if os.path.lexists(path) else None
+        raise UserError(f"input {path}: {problem}." if problem else f"input {path} does not exist.")
     files = sorted(p for p in path.rglob("*") if p.name.lower().endswith(IMG_EXTENSIONS) and not p.is_dir())
     if not files:
         raise UserError(f"No image files ({', '.join(IMG_EXTENSIONS)}) under {path}.")

@@ -165,3 +165,35 @@ def test_a_run_stopped_during_preflight_leaves_no_worker_behind(tmp_path, signum
     time.sleep(1.0)
     alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text()]
     assert alive == [], f"workers outlived the run: {alive}"
+
+
+def test_a_link_to_itself_is_listed_not_a_crash(tmp_path):
+    root = make_imagefolder(tmp_path / "d", per_split={"train": 4, "val": 2})
+    os.symlink("selfloop.png", root / "train" / "ants" / "selfloop.png")
+    dm = datamodule(root, max_bad_fraction=0.5)
+    assert [(Path(p).name, r) for _, p, r in dm.skipped] == [
+        ("selfloop.png", "unreadable: Too many levels of symbolic links")
+    ]
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_is_scanned_again(tmp_path):
+    from src.data.preflight import scan
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(image)
+    assert scan([str(image)], 1, tmp_path / "cache")[0] == {}
+    st = image.stat()
+    image.write_bytes(bytes(st.st_size))  # same size, not an image any more
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert str(image) in scan([str(image)], 1, tmp_path / "cache")[0]
+
+
+def test_the_generated_synthetic_set_follows_the_umask(tmp_path):
+    from src.data.synthetic import make_shapes_dataset
+
+    old = os.umask(0o002)
+    try:
+        make_shapes_dataset(tmp_path / "shapes", ["circle", "cross"], 1, 1, 16, seed=0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shapes").stat().st_mode & 0o777 == 0o775

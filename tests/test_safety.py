@@ -157,3 +157,80 @@ def test_max_epochs_must_be_at_least_one(epochs):
     with pytest.raises(ConfigError, match="trainer.max_epochs"):
         check_trainer_settings(OmegaConf.create({"max_epochs": epochs}))
     check_trainer_settings(OmegaConf.create({"max_epochs": 1}))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c["hyper_parameters"]["preprocessing"].update(eval_transforms=5),
+        lambda c: c["hyper_parameters"]["preprocessing"].update(mean=5),
+        lambda c: c["hyper_parameters"].update(preprocessing=[1]),
+        lambda c: c["hyper_parameters"].update(head="x"),
+        lambda c: c["hyper_parameters"].pop("backbone"),
+        lambda c: c["hyper_parameters"].update(evil=1),
+        lambda c: c.update(state_dict=None),
+        lambda c: c.update(backbone_ref="x"),
+        lambda c: c["state_dict"].update({"head.3.bias": torch.zeros(2, dtype=torch.int64)}),
+        lambda c: c["state_dict"].update({"head.3.bias": torch.zeros(2, device="meta")}),
+    ],
+    ids=[
+        "transforms-int",
+        "mean-int",
+        "preprocessing-list",
+        "head-str",
+        "no-backbone",
+        "extra-key",
+        "state-none",
+        "ref-str",
+        "int-weights",
+        "meta-weights",
+    ],
+)
+def test_hand_edited_checkpoints_get_one_message(checkpoint, tmp_path, edit):
+    ckpt = copy.deepcopy(checkpoint)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(UserError):
+        load_trained(tmp_path / "edited.ckpt")
+
+
+@pytest.mark.parametrize(
+    "steps, mean, std, match",
+    [
+        ([{"transform": "torchvision.transforms.Grayscale", "num_output_channels": 1}], [0.5] * 3, [0.5] * 3, "fail"),
+        ([{**RESIZE, "size": -5}], [0.5] * 3, [0.5] * 3, "fail|cannot be built"),
+        ([{**RESIZE, "size": [40000, 40000]}], [0.5] * 3, [0.5] * 3, "more than 4096 pixels"),
+        ([{"transform": "torchvision.transforms.Pad", "padding": 5000}], [0.5] * 3, [0.5] * 3, "more than 4096"),
+        ([RESIZE], [0.5] * 3, [0.0] * 3, "positive standard deviations"),
+        ([RESIZE], ["a", "b", "c"], [0.5] * 3, "finite means"),
+        ([RESIZE], [0.5] * 3, [float("nan")] * 3, "finite"),
+    ],
+)
+def test_recorded_preprocessing_is_run_once_on_a_small_image_and_bounded(steps, mean, std, match):
+    with pytest.raises(UserError, match=match):
+        decode_eval_transforms(steps, mean, std)
+
+
+def test_a_file_with_bytes_before_its_archive_is_corrupt_not_hostile(checkpoint, tmp_path):
+    path = save(checkpoint, tmp_path / "x.ckpt")
+    path.write_bytes(bytes(1000) + path.read_bytes())
+    with pytest.raises(CorruptCheckpointError, match="corrupt"):
+        load_trained(path)
+
+
+@pytest.mark.parametrize(
+    "optimizer, scheduler, match",
+    [
+        ({"name": "SGD", "lr": float("nan")}, None, "finite"),
+        ({"name": "SGD", "lr": float("inf")}, None, "finite"),
+        ({"name": "SparseAdam", "lr": 0.01}, None, "dense gradients"),
+        ({"name": "SGD", "lr": 0.01}, {"name": "one_cycle", "one_cycle": {"foo": 1}}, "takes no"),
+        ({"name": "SGD", "lr": 0.01}, {"name": "warmup_cosine", "warmup_cosine": {"warmup_fraction": -5}}, r"\[0.0"),
+    ],
+)
+def test_optimizer_and_schedule_values_are_checked_before_data_work(optimizer, scheduler, match):
+    from src.models.classifier import check_model_config
+
+    backbone, head = {"name": "efficientnet_lite0"}, {"hidden_dim": 8, "dropout": 0.0}
+    with pytest.raises(ConfigError, match=match):
+        check_model_config(backbone, head, optimizer, scheduler)

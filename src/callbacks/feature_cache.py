@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.data.datamodule import sampler_epoch
 from src.data.features import FeatureSet, ViewSampler
+from src.data.preflight import file_stamp
 from src.utils.errors import ConfigError, UserError
 from src.utils.tensor_store import load_tensors, save_tensors, tensors_digest
 
@@ -116,10 +117,7 @@ class FeatureCache(Callback):
         }
 
     def meta(self, dataset: Any, split: str, view: int | None) -> dict[str, Any]:
-        files = []
-        for path, label in dataset.samples:
-            st = os.stat(path)
-            files.append([str(path), int(label), st.st_size, st.st_mtime_ns])
+        files = [[str(path), int(label), *file_stamp(path)] for path, label in dataset.samples]
         return {
             **self._identity,
             "split": split,

@@ -181,7 +181,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.check_duplicates(usable, digests)
         self.fingerprint = data_fingerprint(self.root, self.datasets, digests, bad)
         ignored = [(split, p, why) for split, ds in self.datasets.items() for p, why in ignored_files(ds.root)]
-        self.skipped = ignored
+        self.skipped = list(ignored)  # a copy: the unusable files are added below
         if ignored:
             log.info(
                 "Ignoring %d files that are not images by their extension (listed in skipped_files.csv)", len(ignored)

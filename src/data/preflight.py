@@ -100,13 +100,16 @@ def not_a_regular_file(path: str) -> str | None:
     return f"not a regular file ({kind.get(stat.S_IFMT(st.st_mode), 'a folder')})"
 
 
+def file_stamp(path: str) -> list[int]:
+    """(size, mtime, ctime, inode) of a file: a rewrite that keeps size and mtime still changes ctime, which
+    no tool can set back, so cached results keyed by it are never used for other bytes."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def file_list_key(paths: list[str]) -> str:
-    """SHA-256 over (path, size, mtime) of every file: any change re-scans."""
-    rows = []
-    for p in paths:
-        st = os.stat(p)
-        rows.append([p, st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    """SHA-256 over every file's path and stamp: any change re-scans."""
+    return hashlib.sha256(json.dumps([[p, *file_stamp(p)] for p in paths]).encode()).hexdigest()
 
 
 def check_file(path: str) -> tuple[str | None, str | None]:
@@ -179,7 +182,10 @@ def symlink_loops(root: Path) -> list[tuple[Path, Path]]:
         except OSError:
             return
         for entry in entries:
-            if not entry.is_dir(follow_symlinks=True):
+            try:
+                if not entry.is_dir(follow_symlinks=True):
+                    continue
+            except OSError:  # a link to itself: not a folder; the preflight lists it as unreadable
                 continue
             real = os.path.realpath(entry.path)
             if real in ancestors:

@@ -9,17 +9,21 @@ before anything is called. Options must be plain values.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import torchvision
+from PIL import Image
 from torchvision import transforms as T
 
 from src.utils.errors import ConfigError, UserError
 
 # deterministic, PIL-level steps a checkpoint may ask for; ToTensor and Normalize(mean, std) are added here
 EVAL_TRANSFORMS: tuple[type, ...] = (T.Resize, T.CenterCrop, T.Pad, T.Grayscale)
+# a safety bound, not a setting: no sizes or paddings beyond it (a file asking for 40000 px would exhaust memory)
+MAX_PIXELS_PER_SIDE = 4096
 DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -41,6 +45,13 @@ def resolve_transform(name: str) -> type:
     if not any(obj is cls for cls in EVAL_TRANSFORMS):
         raise UnsafeTransformError(f"Eval transform {name!r} is not one of the allowed transforms ({allowed}).")
     return obj
+
+
+def numbers_within(value: Any, limit: int) -> bool:
+    """Every number in ``value`` (nested lists included) is at most ``limit`` in size."""
+    if isinstance(value, list | tuple):
+        return all(numbers_within(v, limit) for v in value)
+    return not isinstance(value, int | float) or isinstance(value, bool) or abs(value) <= limit
 
 
 def is_plain(value: Any) -> bool:
@@ -77,13 +88,33 @@ def decode_eval_transforms(recorded: Sequence[Any], mean: Sequence[float], std: 
         cls = resolve_transform(str(options.pop("transform", "")))
         if not all(isinstance(k, str) and is_plain(v) for k, v in options.items()):
             raise UnsafeTransformError(f"The options of recorded eval transform {cls.__name__} are not plain values.")
+        if not numbers_within(list(options.values()), MAX_PIXELS_PER_SIDE):
+            raise UnsafeTransformError(
+                f"Recorded eval transform {cls.__name__}{options} asks for more than {MAX_PIXELS_PER_SIDE} pixels."
+            )
         steps.append((cls, options))
-    if not (is_plain(list(mean)) and is_plain(list(std)) and len(mean) == len(std) == 3):
-        raise UnsafeTransformError("The recorded normalization is not three means and three standard deviations.")
+    check_normalization(mean, std)
     built = []
     for cls, options in steps:  # only now, with every step checked, is anything called
         try:
             built.append(cls(**options))
-        except (TypeError, ValueError) as err:
+        except Exception as err:
             raise UserError(f"Recorded eval transform {cls.__name__}{options} cannot be built: {err}") from None
-    return T.Compose([*built, T.ToTensor(), T.Normalize(list(mean), list(std))])
+    transform = T.Compose([*built, T.ToTensor(), T.Normalize(list(mean), list(std))])
+    try:  # one small image through it: a step that builds but can't run (Grayscale to 1 channel) fails here
+        out = transform(Image.new("RGB", (64, 48)))
+    except Exception as err:
+        raise UserError(f"The recorded eval transforms fail on an image: {type(err).__name__}: {err}") from None
+    if out.ndim != 3 or out.shape[0] != 3 or min(out.shape[1:]) < 1:
+        raise UserError(f"The recorded eval transforms make a {tuple(out.shape)} tensor, not a 3-channel image.")
+    return transform
+
+
+def check_normalization(mean: Any, std: Any) -> None:
+    """Three finite means and three finite, positive standard deviations."""
+    values = [*mean, *std] if isinstance(mean, list | tuple) and isinstance(std, list | tuple) else []
+    ok = len(values) == 6 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if not ok or not all(math.isfinite(v) for v in values) or not all(s > 0 for s in std):
+        raise UnsafeTransformError(
+            "The recorded normalization is not three finite means and three finite, positive standard deviations."
+        )

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from src.utils.io import current_umask
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
@@ -49,6 +51,7 @@ def make_shapes_dataset(
                 for i in range(count):
                     draw_shape(name, image_size, rng).save(folder / f"{name}_{i:04d}.png")
         (tmp / COMPLETE_MARKER).write_text("synthetic shapes dataset\n")
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; a plain mkdir would follow the umask
         try:
             tmp.rename(root)  # atomic; refused when root exists
         except OSError:

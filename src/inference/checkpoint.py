@@ -8,6 +8,7 @@ weights must be finite and fit the model its class list describes.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torchvision import transforms as T
 
 from src.data.preprocessing import UnsafeTransformError, decode_eval_transforms
 from src.models.classifier import TransferClassifier
-from src.utils.checkpoint_io import verify_checkpoint_file
+from src.utils.checkpoint_io import CorruptCheckpointError, verify_checkpoint_file
 from src.utils.errors import UserError
 
 
@@ -52,9 +53,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         # torch names the offending global ("Unsupported global: GLOBAL posix.system ..."): say that
         first = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
         first = first.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+        if "GLOBAL" not in first:  # the archive is whole but its contents don't unpickle: damaged, not hostile
+            raise CorruptCheckpointError(f"{path} is corrupt: its contents can't be read ({first[:200]}).") from None
         raise UnsafeCheckpointError(
-            f"Refusing {path}: it is not a plain checkpoint (tensors and plain values only). torch.load with "
-            f"weights_only=True rejected it ({first}). Nothing in it was run."
+            f"Refusing {path}: it is not a plain checkpoint (tensors and plain values only): it names "
+            f"{first[:200]}. Nothing in it was run."
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this project (no state_dict / hyper_parameters).")
@@ -91,8 +94,11 @@ def eval_transform(hparams: dict[str, Any]) -> T.Compose:
     pre = hparams.get("preprocessing") or {}
     if not pre:
         raise UserError("The checkpoint records no preprocessing (trained by an older version?).")
+    steps = pre.get("eval_transforms") if isinstance(pre, dict) else None
+    if not isinstance(steps, list):
+        raise UserError("The checkpoint's preprocessing is not a mapping with a list of eval_transforms.")
     try:
-        return decode_eval_transforms(pre.get("eval_transforms") or [], pre.get("mean") or [], pre.get("std") or [])
+        return decode_eval_transforms(steps, pre.get("mean") or [], pre.get("std") or [])
     except UnsafeTransformError as err:
         raise UnsafeCheckpointError(f"Refusing the checkpoint: {err} Nothing in it was run.") from None
 
@@ -107,6 +113,8 @@ def check_weights(state: dict[str, Any], model: torch.nn.Module, path: Path) -> 
         elif not torch.is_tensor(value) or tuple(value.shape) != tuple(expected[key].shape):
             shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             problems.append(f"{key}: shape {shape} in the checkpoint, the model needs {tuple(expected[key].shape)}")
+        elif value.dtype != expected[key].dtype or value.device.type == "meta":
+            problems.append(f"{key}: {value.dtype} on {value.device.type}, the model needs {expected[key].dtype}")
         elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
             problems.append(f"{key}: holds NaN or infinite values")
     problems += [f"{key}: missing" for key in expected if key not in state]
@@ -127,12 +135,31 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
     transform = eval_transform(hp)  # checked before the model (and its weights files) is touched
+    try:
+        model, state = rebuild(ckpt, hp)
+    except UserError:
+        raise
+    except Exception as err:  # a hand-edited or foreign file: any shape of wrongness ends here, named
+        raise UserError(
+            f"{path} is not a checkpoint this project can rebuild a model from ({type(err).__name__}: {err})."
+        ) from None
+    check_weights(state, model, path)
+    model.load_state_dict(state, strict=True)
+    return TrainedModel(model.to(device).eval(), hp, transform)
+
+
+def rebuild(ckpt: dict[str, Any], hp: dict[str, Any]) -> tuple[TransferClassifier, dict[str, Any]]:
+    """The model its hyperparameters describe, and the full state dict to load into it."""
+    known = set(inspect.signature(TransferClassifier.__init__).parameters) - {"self"}
+    unknown = sorted(set(hp) - known)
+    if unknown:
+        raise UserError(f"The checkpoint's hyperparameters hold keys this project does not know: {unknown}.")
     ref = ckpt.get("backbone_ref")
+    if ref is not None and not isinstance(ref, dict):
+        raise UserError("The checkpoint's backbone_ref is not a mapping.")
     model = TransferClassifier(**{**hp, "backbone": dict(hp["backbone"], weights=ref["weights"] if ref else None)})
     state = dict(ckpt["state_dict"])
     if ref:
         model.check_backbone_ref(ref)
         state.update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
-    check_weights(state, model, path)
-    model.load_state_dict(state, strict=True)
-    return TrainedModel(model.to(device).eval(), hp, transform)
+    return model, state

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from src.models.backbones import build_backbone, check_backbone_name
 from src.models.head import build_head, check_head
-from src.models.schedules import build_schedule, check_schedule_name
+from src.models.schedules import build_schedule, check_schedule
 from src.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ def check_model_config(
     check_backbone_name(backbone.get("name"))
     check_head(head.get("hidden_dim", 256), head.get("dropout", 0.0))
     check_optimizer(optimizer)
-    check_schedule_name((scheduler or {}).get("name"))
+    name = (scheduler or {}).get("name")
+    check_schedule(name, (scheduler or {}).get(name) if name not in (None, "none") else None)
 
 
 def check_optimizer(optimizer: dict[str, Any]) -> None:
@@ -255,8 +256,8 @@ def check_optimizer(optimizer: dict[str, Any]) -> None:
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(f"model.optimizer.name={name!r} is not a torch.optim optimizer (SGD, Adam, AdamW, ...).")
     lr = options.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
-        raise ConfigError(f"model.optimizer.lr must be a positive number, got {lr!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+        raise ConfigError(f"model.optimizer.lr must be a positive, finite number, got {lr!r}.")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -264,7 +265,10 @@ def check_optimizer(optimizer: dict[str, Any]) -> None:
             f"torch.optim.{name} takes no {', '.join(f'model.optimizer.{k}' for k in unknown)} (its settings: "
             f"{', '.join(accepted)}). Switch optimizers with their own settings: model/optimizer={OPTIMIZER_PRESETS}."
         )
-    try:
-        cls([torch.zeros(1, requires_grad=True)], **options)
-    except (TypeError, ValueError) as err:
+    param = torch.zeros(1, requires_grad=True)
+    try:  # built and stepped once: torch checks values (momentum >= 0, ...) and what gradients it takes
+        dummy = cls([param], **options)
+        param.grad = torch.ones(1)
+        dummy.step()
+    except (TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"model.optimizer ({name}): {err}") from None

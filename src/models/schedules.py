@@ -7,6 +7,7 @@ group unfrozen mid-run would not follow them. These compute each step's LR as
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from torch.optim import Optimizer
@@ -82,3 +83,29 @@ def check_schedule_name(name: str | None) -> None:
     """Raise ConfigError unless ``name`` is none/null or a known schedule."""
     if name not in (None, "none", *SCHEDULES):
         raise ConfigError(f"model.scheduler.name={name!r}: choose none, {', '.join(SCHEDULES)}.")
+
+
+# each schedule's options: (low, high) bounds, inclusive
+OPTION_RANGES = {
+    "warmup_fraction": (0.0, 1.0),
+    "min_factor": (0.0, 1.0),
+    "pct_start": (0.0, 1.0),
+    "div_factor": (1.0, math.inf),
+    "final_div_factor": (1.0, math.inf),
+}
+
+
+def check_schedule(name: str | None, options: dict[str, object] | None) -> None:
+    """Raise ConfigError on an unknown schedule, an option it does not take, or a value out of range."""
+    check_schedule_name(name)
+    if name in (None, "none"):
+        return
+    accepted = [p for p in inspect.signature(SCHEDULES[name].__init__).parameters if p in OPTION_RANGES]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"model.scheduler.{name} takes no {unknown}; its options: {accepted}.")
+    for key in accepted:
+        value, (low, high) = options.get(key), OPTION_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise ConfigError(f"model.scheduler.{name}.{key} must be a number in [{low}, {high}], got {value!r}.")

@@ -33,15 +33,16 @@ def verify_checkpoint_file(path: str | os.PathLike) -> None:
     wrong weights; ``ZipFile.testzip`` reads every member and checks it.
     """
     path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise CorruptCheckpointError(
+            f"{path} is corrupt or truncated: it is not a whole checkpoint archive (or not one this project "
+            "writes: torch's legacy non-zip format is not read)."
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, ValueError) as err:
-        raise CorruptCheckpointError(
-            f"{path} is corrupt or truncated: it is not a whole checkpoint archive ({err})."
-        ) from None
-    except OSError as err:
-        raise CorruptCheckpointError(f"{path} cannot be read: {err.strerror or err}.") from None
+    except Exception as err:  # any damage a reader trips over: bad headers, unknown compression, short reads
+        raise CorruptCheckpointError(f"{path} is corrupt: {type(err).__name__}: {err}.") from None
     if bad is not None:
         raise CorruptCheckpointError(f"{path} is corrupt: its member {bad} fails its CRC check (damaged on disk?).")
 

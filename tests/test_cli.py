@@ -207,7 +207,7 @@ def test_lite0_fe_learns_hymenoptera_in_three_epochs(hymenoptera, tmp_path):
     [
         ("model.backbone.name=resnet5", "Unknown backbone 'resnet5'. Did you mean: resnet50"),
         ("model.head.dropout=1.0", "model.head.dropout must be a number in [0, 1), got 1.0"),
-        ("model.optimizer.lr=0", "model.optimizer.lr must be a positive number, got 0"),
+        ("model.optimizer.lr=0", "model.optimizer.lr must be a positive, finite number, got 0"),
         ("data.batch_size=0", "data.batch_size must be a whole number of at least 1, got 0"),
         ("model.scheduler.name=cosine", "model.scheduler.name='cosine': choose none"),
     ],

@@ -17,7 +17,7 @@ from torchvision.datasets.folder import find_classes
 
 from src.data.datamodule import default_num_workers
 from src.data.images import RGBLoader
-from src.data.preflight import ignored_files, scan
+from src.data.preflight import drop_samples, ignored_files, scan
 from src.inference.checkpoint import load_trained
 from src.inference.evaluate import evaluate_split, write_reports
 from src.utils.cli import pick_device, report_user_errors
@@ -64,8 +64,7 @@ def skip_unusable(dataset: ImageFolder, split: str, workers: int, cache_dir: str
     write_csv(out_dir / "skipped_files.csv", ["split", "path", "reason"], rows)
     if not bad:
         return
-    dataset.samples = [(p, c) for p, c in dataset.samples if p not in bad]
-    dataset.imgs, dataset.targets = dataset.samples, [c for _, c in dataset.samples]
+    drop_samples(dataset, bad)
     listing = "\n".join(f"  {p}: {r}" for p, r in list(bad.items())[:20])
     log.warning("Skipping %d unusable image files (listed in skipped_files.csv):\n%s", len(bad), listing)
     if not dataset.samples:

@@ -21,7 +21,14 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from src.data.images import RGBLoader
-from src.data.preflight import cross_split_duplicates, hidden_class_folders, ignored_files, scan, symlink_loops
+from src.data.preflight import (
+    cross_split_duplicates,
+    drop_samples,
+    hidden_class_folders,
+    ignored_files,
+    scan,
+    symlink_loops,
+)
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
@@ -201,8 +208,7 @@ class ImageFolderDataModule(LightningDataModule):
             )
             raise DatasetError(f"{len(bad)} unusable image files ({why}); nothing was trained:\n{listing}{more}")
         for ds in self.datasets.values():
-            ds.samples = [(p, c) for p, c in ds.samples if p not in bad]
-            ds.imgs, ds.targets = ds.samples, [c for _, c in ds.samples]
+            drop_samples(ds, bad)
         log.warning("Skipping %d unusable image files (%.1f%%):\n%s%s", len(bad), 100 * fraction, listing, more)
 
     def check_duplicates(self, files: dict[str, list[str]], digests: dict[str, str]) -> None:

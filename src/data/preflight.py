@@ -19,6 +19,7 @@ import stat
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -152,6 +153,12 @@ def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) ->
         except (OSError, UserError) as err:  # a cache that can't be written costs a rescan next time, no more
             log.warning("Preflight results not cached (%s); the next run scans again", err)
     return {**bad, **found}, digests
+
+
+def drop_samples(dataset: Any, bad: dict[str, str]) -> None:
+    """Remove ``bad`` files from an ImageFolder's samples (and the imgs/targets lists that mirror them)."""
+    dataset.samples = [(p, c) for p, c in dataset.samples if p not in bad]
+    dataset.imgs, dataset.targets = dataset.samples, [c for _, c in dataset.samples]
 
 
 def cross_split_duplicates(files: dict[str, list[str]], digests: dict[str, str]) -> list[list[tuple[str, str]]]:

@@ -86,31 +86,35 @@ def ignored_files(split_dir: str | os.PathLike) -> list[tuple[str, str]]:
     return found
 
 
-def not_a_regular_file(path: str) -> str | None:
-    """Why ``path`` must not be opened at all (a dangling link, a FIFO that would block forever, a folder
-    named like an image), or None for a regular file. Links are followed."""
+def stat_regular(path: str) -> tuple[os.stat_result | None, str | None]:
+    """(its stat, None) for a regular file; (None, why it must not be opened at all) for a dangling link, a
+    FIFO that would block a reader forever, a folder named like an image. Links are followed."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return "dangling symlink (its target does not exist)" if os.path.islink(path) else "vanished"
+        return None, "dangling symlink (its target does not exist)" if os.path.islink(path) else "vanished"
     except OSError as err:
-        return f"unreadable: {err.strerror or err}"
+        return None, f"unreadable: {err.strerror or err}"
     if stat.S_ISREG(st.st_mode):
-        return None
+        return st, None
     kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
-    return f"not a regular file ({kind.get(stat.S_IFMT(st.st_mode), 'a folder')})"
+    return None, f"not a regular file ({kind.get(stat.S_IFMT(st.st_mode), 'a folder')})"
 
 
-def file_stamp(path: str) -> list[int]:
+def not_a_regular_file(path: str) -> str | None:
+    """Why ``path`` must not be opened at all, or None for a regular file (see ``stat_regular``)."""
+    return stat_regular(path)[1]
+
+
+def stamp(st: os.stat_result) -> list[int]:
     """(size, mtime, ctime, inode) of a file: a rewrite that keeps size and mtime still changes ctime, which
     no tool can set back, so cached results keyed by it are never used for other bytes."""
-    st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def file_list_key(paths: list[str]) -> str:
-    """SHA-256 over every file's path and stamp: any change re-scans."""
-    return hashlib.sha256(json.dumps([[p, *file_stamp(p)] for p in paths]).encode()).hexdigest()
+def file_stamp(path: str) -> list[int]:
+    """``stamp`` of the file at ``path``."""
+    return stamp(os.stat(path))
 
 
 def check_file(path: str) -> tuple[str | None, str | None]:
@@ -128,9 +132,11 @@ def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) ->
     What is not a regular file is listed without being opened. Worker processes die with this process
     (a kill -9 leaves none behind) and are stopped at once when it stops on an exception (SIGTERM too).
     """
-    bad = {p: r for p in paths if (r := not_a_regular_file(p)) is not None}
+    checked = {p: stat_regular(p) for p in paths}  # one stat per file: kind and cache key
+    bad = {p: why for p, (_, why) in checked.items() if why is not None}
     regular = [p for p in paths if p not in bad]
-    cache = Path(cache_dir) / f"preflight-{file_list_key(regular)[:32]}.json" if cache_dir else None
+    key = hashlib.sha256(json.dumps([[p, *stamp(checked[p][0])] for p in regular]).encode()).hexdigest()
+    cache = Path(cache_dir) / f"preflight-{key[:32]}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             data = json.loads(cache.read_text(encoding="utf-8", errors="surrogateescape"))

@@ -1,5 +1,8 @@
 """Evaluate a checkpoint: ``python -m src.eval ckpt_path=... [data.root=...] [split=test|val]``.
 
+On the data it was trained on, the images its run held out (recorded in the checkpoint: any layout, any
+split it made); on another data.root, that root's test/ or val/ folder.
+
 Writes metrics.json, confusion_matrix.csv/.png, misclassified.csv/.png and TensorBoard figures into its
 output folder (logs/eval/runs/<date_time>/ unless hydra.run.dir says otherwise). Files training would skip
 (unreadable, truncated, not regular files) are skipped the same way and listed in skipped_files.csv.
@@ -12,11 +15,10 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
 
 from src.data.datamodule import default_num_workers
 from src.data.images import RGBLoader
+from src.data.listing import ImageList, folder_samples
 from src.data.preflight import drop_samples, ignored_files, scan
 from src.inference.checkpoint import load_trained
 from src.inference.evaluate import evaluate_split, write_reports
@@ -33,21 +35,35 @@ def main(cfg: DictConfig) -> float:
     device = pick_device(cfg.device)
     trained = load_trained(cfg.ckpt_path, device)
     hparams, classes = trained.hparams, trained.classes
-    root = Path(cfg.data.root or hparams.get("data_root") or "")
+    trained_root = hparams.get("data_root")
+    root = Path(cfg.data.root or trained_root or "").expanduser()
     if not str(root) or not root.is_dir():
         raise DatasetError(f"Dataset root {root} not found: pass data.root=/path/to/dataset.")
-    split = cfg.split or ("test" if (root / "test").is_dir() else "val")
-    folder = root / split
-    if not folder.is_dir():
-        raise DatasetError(f"{folder} does not exist: choose split=val or split=test.")
-    found = find_classes(str(folder))[0]
-    if found != classes:
-        raise DatasetError(f"{folder} has classes {found}; the checkpoint was trained on {classes}.")
     loader = RGBLoader(cfg.data.decode_min_side)
-    dataset = ImageFolder(str(folder), trained.transform, loader=loader)
+    held = trained.held_out
+    if held and trained_root and root.resolve() == Path(trained_root).resolve():
+        # the run's own held-out images, as its checkpoint recorded them: exact whatever the layout
+        split = cfg.split or ("test" if "test" in held else "val")
+        if split not in held:
+            raise DatasetError(f"The checkpoint's run held out no {split} images (it has: {sorted(held)}).")
+        index = {c: i for i, c in enumerate(classes)}
+        samples = [(str(root / rel), index[label]) for rel, label in held[split]]
+        dataset = ImageList(str(root), samples, classes, trained.transform, loader)
+        ignored: list[tuple[str, str]] = []
+        log.info("Evaluating the %d %s images the checkpoint's run held out of %s", len(samples), split, root)
+    else:
+        split = cfg.split or ("test" if (root / "test").is_dir() else "val")
+        folder = root / split
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} does not exist: choose split=val or split=test.")
+        found, samples = folder_samples(folder)
+        if found != classes:
+            raise DatasetError(f"{folder} has classes {found}; the checkpoint was trained on {classes}.")
+        dataset = ImageList(str(folder), samples, classes, trained.transform, loader)
+        ignored = ignored_files(folder)
     workers = default_num_workers() if cfg.data.num_workers is None else int(cfg.data.num_workers)
     out_dir = Path(cfg.paths.output_dir)
-    skip_unusable(dataset, split, max(1, workers), cfg.data.preflight_cache_dir, out_dir)
+    skip_unusable(dataset, split, max(1, workers), cfg.data.preflight_cache_dir, out_dir, ignored)
     model = trained.model
     metrics, log_probs, labels = evaluate_split(model, dataset, classes, cfg.data.batch_size, workers, device)
     metrics.update(checkpoint=str(cfg.ckpt_path), data_root=str(root), split=split)
@@ -56,11 +72,14 @@ def main(cfg: DictConfig) -> float:
     return metrics["accuracy"]
 
 
-def skip_unusable(dataset: ImageFolder, split: str, workers: int, cache_dir: str | None, out_dir: Path) -> None:
-    """Leave out the files training would skip (the same preflight), listed in skipped_files.csv."""
+def skip_unusable(
+    dataset: ImageList, split: str, workers: int, cache_dir: str | None, out_dir: Path, ignored: list[tuple[str, str]]
+) -> None:
+    """Leave out the files training would skip (the same preflight), listed in skipped_files.csv with the
+    ``ignored`` (path, reason) ones."""
     paths = [p for p, _ in dataset.samples]
-    bad, _ = scan(paths, workers, cache_dir)
-    rows = [(split, p, why) for p, why in ignored_files(dataset.root)] + [(split, p, bad[p]) for p in paths if p in bad]
+    bad = scan(paths, workers, cache_dir).bad
+    rows = [(split, p, why) for p, why in ignored] + [(split, p, bad[p]) for p in paths if p in bad]
     write_csv(out_dir / "skipped_files.csv", ["split", "path", "reason"], rows)
     if not bad:
         return

@@ -18,22 +18,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.hparams_view import HParamsView, hparams_of
+from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
 from src.data.preprocessing import encode_eval_transforms
 from src.models.backbones import normalization
-from src.models.classifier import check_model_config
+from src.models.classifier import check_model_config, inverse_frequency_weights
 from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
 from src.utils.config import check_trainer_settings, save_config
 from src.utils.distributed import launched_as_rank_zero
 from src.utils.errors import ConfigError
 from src.utils.io import DiskFullError, write_csv, write_json
-from src.utils.precision import fastest_precision
 from src.utils.resume import check_same_data, resume_checkpoint
 
 log = logging.getLogger("src.train")
 MODEL_CALLBACKS = ("finetune", "cache")
-# trainer.precision: ${fastest_precision:} picks bf16 where the CPU or GPU computes it natively
-OmegaConf.register_new_resolver("fastest_precision", fastest_precision, replace=True)
 # a frozen backbone is in eval mode on purpose when training starts (BatchNorm statistics must not move)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
@@ -80,6 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_same_data(resume, datamodule.classes, datamodule.fingerprint, bool(cfg.get("allow_new_data", False)))
     # model.finetune and model.cache configure callbacks, not the module
     model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
+    loss = class_weighted_loss(model_settings.get("loss"), datamodule)
     preprocessing = {  # what inference needs, recorded in every checkpoint
         "mean": list(datamodule.mean),
         "std": list(datamodule.std),
@@ -91,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         preprocessing=preprocessing,
         data_root=str(datamodule.root),
         data_fingerprint=datamodule.fingerprint,
+        loss=loss,
         _convert_="all",
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -118,9 +118,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary["skipped_files"] = len(datamodule.skipped)
     summary["cross_split_duplicates"] = len(datamodule.duplicates)
     summary["images"] = datamodule.class_counts  # split -> class -> images used
+    summary["split"] = datamodule.split_summary()
     if not trainer.is_global_zero:
         return summary  # metrics were synced across ranks: rank zero reports them
-    if datamodule.has_split("test") and summary["best_checkpoint"]:
+    if "test" in datamodule.datasets and summary["best_checkpoint"]:
         summary["test"] = evaluate_on_test(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
     log.info(
@@ -151,12 +152,27 @@ def check_launch(trainer: L.Trainer) -> None:
         )
 
 
+def class_weighted_loss(loss: dict[str, Any] | None, datamodule: Any) -> dict[str, Any]:
+    """model.loss with class_weights=auto turned into numbers (inverse class frequency over train), so the
+    checkpoint records the weights it trained with."""
+    loss = dict(loss or {})
+    if loss.get("class_weights") == "auto":
+        counts = [datamodule.class_counts["train"][c] for c in datamodule.classes]
+        loss["class_weights"] = inverse_frequency_weights(counts)
+        log.info(
+            "Class weights (inverse frequency over train): %s",
+            dict(zip(datamodule.classes, loss["class_weights"], strict=True)),
+        )
+    return loss
+
+
 def write_preflight_report(output_dir: Path, datamodule: Any) -> None:
-    """skipped_files.csv (split, path, reason of every image left out) and duplicates.csv (group, split, path
-    of identical files in different splits); header only when there are none."""
+    """split.csv (path, label, split of every image used), skipped_files.csv (split, path, reason of every
+    image left out) and duplicates.csv (pairs of copies in different splits: kind exact/near, similarity);
+    header only when there are none."""
+    write_csv(output_dir / "split.csv", ["path", "label", "split"], datamodule.split_rows())
     write_csv(output_dir / "skipped_files.csv", ["split", "path", "reason"], datamodule.skipped)
-    rows = [(g, split, path) for g, group in enumerate(datamodule.duplicates, 1) for split, path in group]
-    write_csv(output_dir / "duplicates.csv", ["group", "split", "path"], rows)
+    write_csv(output_dir / "duplicates.csv", DUPLICATE_COLUMNS, [q.row() for q in datamodule.duplicates])
 
 
 def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
@@ -186,20 +202,23 @@ def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:
     """What a user wants to know after a run, as plain JSON values."""
-    from src.callbacks.epoch_summary import EpochSummary, best_epoch
+    from src.callbacks.epoch_summary import EpochSummary, monitored_best
     from src.callbacks.feature_cache import FeatureCache
 
     history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), [])
     cache = next((c.stats for c in trainer.callbacks if isinstance(c, FeatureCache)), None)
-    best = best_epoch(history)
     ckpt = trainer.checkpoint_callback
+    monitor, best = monitored_best(trainer, history)
     return {
         "status": "ok",
         "best_checkpoint": getattr(ckpt, "best_model_path", "") or None,
         "last_checkpoint": getattr(ckpt, "last_model_path", "") or None,
         "best_val_loss": best.get("val/loss"),
         "best_val_acc": best.get("val/acc"),
+        "best_val_macro_f1": best.get("val/macro_f1"),
+        "best_val_balanced_acc": best.get("val/balanced_acc"),
         "best_epoch": best.get("epoch"),
+        "monitor": monitor,
         "epochs": trainer.current_epoch,
         "classes": list(classes),
         "wall_s": round(wall_s, 3),

@@ -33,9 +33,12 @@ def test_class_mismatch_names_the_differing_classes(tmp_path):
 def test_missing_root_and_missing_split(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         datamodule(tmp_path / "nowhere").setup("fit")
-    make_imagefolder(tmp_path / "only_train", per_split={"train": 2})
-    with pytest.raises(DatasetError, match=r"val is missing"):
-        datamodule(tmp_path / "only_train").setup("fit")
+    make_imagefolder(tmp_path / "only_val", per_split={"val": 2})
+    with pytest.raises(DatasetError, match=r"has val/ but no train/"):
+        datamodule(tmp_path / "only_val").setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"class folders directly"):  # the three layouts are named
+        datamodule(tmp_path / "empty").setup("fit")
     with pytest.raises(DatasetError, match="data.root is not set"):
         datamodule(None)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from src.callbacks.feature_cache import FeatureCache
@@ -60,7 +61,8 @@ def fit(
 
 
 def cache_files(cache_dir: Path) -> list[str]:
-    return sorted(p.name for p in cache_dir.glob("*.pt"))
+    """Shard files as <spec folder>/<shard>: one folder per (backbone, transform, precision, view)."""
+    return sorted(f"{p.parent.name}/{p.name}" for p in cache_dir.glob("*/shard-*.pt"))
 
 
 def test_first_run_misses_then_a_second_run_hits(tiny_data, tmp_path):
@@ -70,7 +72,7 @@ def test_first_run_misses_then_a_second_run_hits(tiny_data, tmp_path):
     assert cache.stats["embedded_images"] == 8 + 2 * 12
     assert model.feature_inputs == {"train", "val"}
     files = cache_files(cache_dir)
-    assert len(files) == 3 and sum(f.startswith("train-view") for f in files) == 2
+    assert len(files) == 3 and len({f.split("/")[0] for f in files}) == 3  # val, view 0, view 1
     _, _, again = fit(tiny_data, cache_dir)
     assert again.stats["hits"] == 3 and again.stats["misses"] == 0
     assert cache_files(cache_dir) == files
@@ -98,14 +100,19 @@ def test_train_views_are_reproducible_and_distinct(tiny_data, tmp_path):
     assert not torch.equal(feats_a[:n], feats_a[n:])  # view 0 and view 1 are different augmentations
 
 
-def test_changed_file_invalidates_only_its_split(tiny_data, tmp_path):
+def test_an_edited_image_alone_is_embedded_again_and_a_moved_one_not_at_all(tiny_data, tmp_path):
     cache_dir = tmp_path / "cache"
     fit(tiny_data, cache_dir)
-    victim = next((tiny_data / "val" / "ants").iterdir())
-    st = victim.stat()
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    victim = sorted((tiny_data / "val" / "ants").iterdir())[0]
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(victim)  # other bytes under the same name
     _, _, cache = fit(tiny_data, cache_dir)
     assert cache.stats["misses"] == 1 and cache.stats["hits"] == 2
+    assert cache.stats["embedded_images"] == 1 and cache.stats["cached_images"] == 7  # the rest of val
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: still cached
+    victim.rename(victim.with_name("renamed.png"))  # moved: found by its content
+    _, _, again = fit(tiny_data, cache_dir)
+    assert again.stats["hits"] == 3 and again.stats["embedded_images"] == 0
 
 
 def test_changed_transform_or_precision_invalidates(tiny_data, tmp_path):
@@ -122,7 +129,7 @@ def test_corrupt_cache_file_is_rebuilt_not_used(tiny_data, tmp_path, damage):
     cache_dir = tmp_path / "cache"
     _, dm, _ = fit(tiny_data, cache_dir, train_views=0)
     good = dm.feature_sets["val"][0].features.clone()
-    (path,) = cache_dir.glob("val-*.pt")
+    (path,) = cache_dir.glob("*/shard-*.pt")
     data = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(data[: len(data) // 2])
@@ -142,7 +149,7 @@ def test_corrupt_cache_file_is_rebuilt_not_used(tiny_data, tmp_path, damage):
 def test_train_views_zero_caches_val_only(tiny_data, tmp_path):
     model, dm, cache = fit(tiny_data, tmp_path / "cache", train_views=0)
     assert model.feature_inputs == {"val"} and "train" not in dm.feature_sets
-    assert [f.split("-")[0] for f in cache_files(tmp_path / "cache")] == ["val"]
+    assert len(cache_files(tmp_path / "cache")) == 1  # val's features only
 
 
 def test_no_cache_when_the_backbone_trains(tiny_data, tmp_path):

@@ -17,6 +17,7 @@ from PIL import Image, ImageFile
 from torchvision import transforms as T
 
 from src.data.datamodule import ImageFolderDataModule
+from src.data.duplicates import Pair
 from src.data.images import load_rgb
 from src.data.preflight import image_problem, scan
 from src.utils.errors import DatasetError
@@ -65,10 +66,11 @@ def test_scan_is_parallel_and_cached_by_file_list(tmp_path):
     root = make_imagefolder(tmp_path / "d", per_split={"train": 20, "val": 20})
     write_bad_files(root)
     paths = sorted(str(p) for p in root.rglob("*.*"))
-    first, digests = scan(paths, workers=2, cache_dir=tmp_path / "cache")
+    first, digests, phashes = scan(paths, workers=2, cache_dir=tmp_path / "cache")
     assert sorted(Path(p).name for p in first) == ["empty.jpg", "notanimage.jpg", "truncated.jpg"]
     assert digests[paths[0]] == sha256_file(paths[0]) and len(digests) == len(paths)
-    assert scan(paths, workers=1, cache_dir=tmp_path / "cache") == (first, digests)  # from the cache
+    assert len(phashes) == len(paths) - 3 and all(len(h) == 16 for h in phashes.values())  # decodable ones
+    assert scan(paths, workers=1, cache_dir=tmp_path / "cache") == (first, digests, phashes)  # from the cache
     assert len(list((tmp_path / "cache").glob("preflight-*.json"))) == 1
     (root / "train" / "bees" / "empty.jpg").write_bytes(b"")  # same content, new mtime: a new file list
     scan(paths, workers=1, cache_dir=tmp_path / "cache")
@@ -94,10 +96,8 @@ def test_a_few_bad_files_are_skipped_and_listed(tmp_path):
     assert summary["images"] == {"train": {"ants": 30, "bees": 30}, "val": {"ants": 13, "bees": 12}}
     with open(run_dir / "duplicates.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["group"], r["split"], Path(r["path"]).name) for r in rows] == [
-        ("1", "train", "ants_3.png"),
-        ("1", "val", "leak.png"),
-    ]
+    pairs = [(r["kind"], r["split_a"], Path(r["path_a"]).name, r["split_b"], Path(r["path_b"]).name) for r in rows]
+    assert pairs == [("exact", "train", "ants_3.png", "val", "leak.png")]
 
 
 @pytest.mark.slow
@@ -135,8 +135,10 @@ def test_duplicates_across_splits_are_found_and_can_stop_the_run(tmp_path, caplo
     shutil.copy(root / "train" / "bees" / "bees_1.png", leaked)
     dm = datamodule(root)
     dm.setup("fit")
-    assert dm.duplicates == [[("train", str(root / "train" / "bees" / "bees_1.png")), ("val", str(leaked))]]
-    assert "1 images appear in more than one split" in caplog.text
+    assert dm.duplicates == [
+        Pair("exact", 1.0, "train", str(root / "train" / "bees" / "bees_1.png"), "val", str(leaked))
+    ]
+    assert "1 pairs of images in different splits are copies" in caplog.text
     assert dm.class_counts == {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 3}}
     with pytest.raises(DatasetError, match="copy_of_train.png"):
         datamodule(root, duplicates="error").setup("fit")

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 log = logging.getLogger(__name__)
 
-METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/macro_f1", "val/balanced_acc")
 
 
 class EpochSummary(Callback):
@@ -53,7 +53,18 @@ def format_epoch(row: dict[str, float], max_epochs: int | None) -> str:
     return " | ".join(parts)
 
 
-def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The history row with the lowest val/loss ({} when no epoch was validated)."""
-    scored = [h for h in history if "val/loss" in h]
-    return min(scored, key=lambda h: h["val/loss"]) if scored else {}
+def best_epoch(history: list[dict[str, float]], monitor: str = "val/loss", mode: str = "min") -> dict[str, float]:
+    """The history row with the best ``monitor`` (lowest for mode min, highest for max); the first of ties;
+    {} when no epoch has it."""
+    scored = [h for h in history if monitor in h]
+    if not scored:
+        return {}
+    return min(scored, key=lambda h: h[monitor]) if mode == "min" else max(scored, key=lambda h: h[monitor])
+
+
+def monitored_best(trainer: Trainer, history: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """(monitor, best row) by the checkpoint callback's monitor and mode: the epoch whose weights the best
+    checkpoint keeps (val/loss, lowest, without one)."""
+    ckpt = trainer.checkpoint_callback
+    monitor = getattr(ckpt, "monitor", None) or "val/loss"
+    return monitor, best_epoch(history, monitor, getattr(ckpt, "mode", "min"))

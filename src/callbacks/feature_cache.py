@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import Dataset, Subset
 
 from src.data.datamodule import sampler_epoch
+from src.data.embedding_store import EmbeddingStore
 from src.data.features import FeatureSet, ViewSampler
-from src.data.preflight import file_stamp
+from src.data.seeding import KeySeededItems, mix
 from src.utils.errors import ConfigError, UserError
-from src.utils.tensor_store import load_tensors, save_tensors, tensors_digest
+from src.utils.tensor_store import tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,10 @@ class FeatureCache(Callback):
     - ``train_views`` K > 0: K augmented views of every training image (the train transforms, seeded per
       view), one drawn per image each epoch (src.data.features.ViewSampler); K = 0: train images go
       through the backbone every epoch, freshly augmented, as the seed recipe does;
-    - files live under ``dir``, named by a hash of everything that shapes them (backbone weights,
-      transforms, precision, memory format, the split's file list with sizes and mtimes, view and seed);
-      any change is a new file, a corrupt or partial one is rebuilt; writes are atomic, so concurrent
-      sweep jobs and later runs share them safely;
+    - features are kept per image (src.data.embedding_store: keyed by the file's content, under a folder
+      named by backbone weights, transforms, precision, memory format, view and seed), so other splits,
+      folds and re-splits of the same images reuse them; a corrupt or partial file is rebuilt; writes are
+      atomic, so concurrent sweep jobs and later runs share them safely;
     - used only when every backbone parameter is frozen for the whole run.
     """
 
@@ -59,6 +60,7 @@ class FeatureCache(Callback):
             "hits": 0,
             "misses": 0,
             "embedded_images": 0,
+            "cached_images": 0,  # of the splits that needed some embedding, images read from the cache
             "embed_s": 0.0,
         }
 
@@ -82,7 +84,7 @@ class FeatureCache(Callback):
                 "train",
                 self.sets["train"],
                 dm.batch_size,
-                ViewSampler(n, self.train_views, self.seed, lambda: sampler_epoch(trainer)),
+                ViewSampler(n, self.train_views, self.seed, lambda: sampler_epoch(trainer), dm.sample_weights()),
             )
         pl_module.feature_inputs = set(self.sets)
         self.stats["used"] = True
@@ -92,7 +94,7 @@ class FeatureCache(Callback):
         if not self.sets:
             return
         pl_module.keep_frozen_parts_in_eval()
-        self._identity = self.identity(trainer, pl_module)
+        self._identity = feature_identity(pl_module, str(trainer.precision))
         # DDP: rank zero embeds and writes; the others wait for it, then read the files (every rank holds
         # all features; Lightning's distributed sampler gives each its share of the indices)
         distributed = trainer.world_size > 1
@@ -107,73 +109,98 @@ class FeatureCache(Callback):
 
     # ------------------------------------------------------------------------------------------- cache
 
-    def identity(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        """What every cached file of this run shares: the backbone's exact weights and numerics."""
-        return {
-            "backbone": pl_module.hparams.backbone["name"],
-            "backbone_state_sha256": tensors_digest(pl_module.backbone.state_dict()),
-            "precision": str(trainer.precision),
-            "channels_last": bool(pl_module.hparams.backbone.get("channels_last", False)),
-        }
-
-    def meta(self, dataset: Any, split: str, view: int | None) -> dict[str, Any]:
-        files = [[str(path), int(label), *file_stamp(path)] for path, label in dataset.samples]
-        return {
-            **self._identity,
-            "split": split,
-            "transform": repr(dataset.transform),
-            "loader": repr(dataset.loader),
-            "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
-            "count": len(files),
-            "view": view,
-            "seed": None if view is None else self.seed,
-        }
-
-    def path_for(self, meta: dict[str, Any]) -> Path:
-        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
-        suffix = "" if meta["view"] is None else f"-view{meta['view']}"
-        return self.dir / f"{meta['split']}{suffix}-{key}.pt"
-
     def features(
         self, trainer: Trainer, pl_module: LightningModule, split: str, view: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features N×D, labels N) of a split (and augmented view), from the cache or computed and stored."""
+        """(features N×D, labels N) of a split (and augmented view): the images already in the cache are
+        read, the others embedded and added."""
         dm = trainer.datamodule
-        meta = self.meta(dm.datasets[split], split, view)
-        path = self.path_for(meta)
-        cached = load_tensors(path, meta)
-        if cached is not None:
+        dataset = dm.datasets[split]
+        feats, labels, embedded, seconds = cached_features(
+            EmbeddingStore(self.dir, feature_spec(self._identity, dataset, view, self.seed)),
+            dataset,
+            dm.digests,
+            lambda subset: dm.image_loader(split, self.embed_batch_size, dataset=subset),
+            lambda loader: embed(pl_module, loader, trainer.precision_plugin.forward_context, trainer),
+            view_seed=None if view is None else (self.seed, view),
+            write=trainer.is_global_zero,  # another rank computing it means rank zero's file is out of its reach
+        )
+        what = f"{split}{'' if view is None else f' view {view}'}"
+        if not embedded:
             self.stats["hits"] += 1
-            log.info("Feature cache hit: %s (%d images)", path, meta["count"])
-            return cached["features"], cached["labels"]
-        start = time.perf_counter()
-        generator = None
-        if view is not None:  # a different, reproducible augmentation per view
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + view)
-        with torch.random.fork_rng(devices=[]):
-            if generator is not None:
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            loader = dm.image_loader(split, self.embed_batch_size, generator=generator)
-            feats, labels = embed(pl_module, loader, trainer.precision_plugin.forward_context, trainer)
-        seconds = time.perf_counter() - start
-        if trainer.is_global_zero:  # another rank computing it means rank zero's file is out of its reach
-            try:
-                save_tensors(path, {"features": feats, "labels": labels}, meta)
-            except (OSError, RuntimeError, UserError) as err:  # full or read-only cache folder: train from memory
-                log.warning("Could not write the feature cache %s (%s); training goes on from memory", path, err)
+            log.info("Feature cache hit: %s (%d images) in %s", what, len(labels), self.dir)
+            return feats, labels
         self.stats["misses"] += 1
-        self.stats["embedded_images"] += len(labels)
+        self.stats["embedded_images"] += embedded
+        self.stats["cached_images"] += len(labels) - embedded
         self.stats["embed_s"] = round(self.stats["embed_s"] + seconds, 3)
         log.info(
-            "Embedded %s%s: %d images in %.1f s (%.0f img/s) -> %s",
-            split,
-            "" if view is None else f" view {view}",
+            "Embedded %s: %d of %d images in %.1f s (%.0f img/s; the rest from the cache)",
+            what,
+            embedded,
             len(labels),
             seconds,
-            len(labels) / seconds,
-            path,
+            embedded / max(seconds, 1e-9),
         )
         return feats, labels
+
+
+def feature_identity(pl_module: LightningModule, precision: str) -> dict[str, Any]:
+    """What every cached feature of a run shares: the backbone's exact weights and numerics."""
+    return {
+        "backbone": pl_module.hparams.backbone["name"],
+        "backbone_state_sha256": tensors_digest(pl_module.backbone.state_dict()),
+        "precision": precision,
+        "channels_last": bool(pl_module.hparams.backbone.get("channels_last", False)),
+    }
+
+
+def feature_spec(identity: dict[str, Any], dataset: Any, view: int | None, seed: int) -> dict[str, Any]:
+    """What shapes a dataset's features besides the image: backbone, numerics, transform, decoder, view."""
+    return {
+        **identity,
+        "transform": repr(dataset.transform),
+        "loader": repr(dataset.loader),
+        "view": view,
+        "seed": None if view is None else seed,
+    }
+
+
+def cached_features(
+    store: EmbeddingStore,
+    dataset: Any,
+    digests: dict[str, str],
+    loader_for: Callable[[Dataset], Any],
+    embed_loader: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+    view_seed: tuple[int, int] | None = None,
+    write: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """(features, labels, images embedded now, seconds spent) of every image of ``dataset``: the stored
+    rows of ``store``, the rest embedded through ``embed_loader(loader_for(subset))`` and stored.
+
+    ``view_seed`` (seed, view): an augmented view, each image transformed under a seed from (seed, view,
+    its content), so the view is the same whichever run, split or fold embeds it.
+    """
+    keys = [digests[p] for p, _ in dataset.samples]
+    labels = torch.tensor(dataset.targets, dtype=torch.long)
+    found, missing = store.lookup(keys)
+    if not missing:
+        return found, labels, 0, 0.0
+    start = time.perf_counter()
+    subset: Dataset = Subset(dataset, missing)
+    if view_seed is not None:
+        subset = KeySeededItems(subset, [mix(*view_seed, int(keys[i][:15], 16)) for i in missing])
+    new, _ = embed_loader(loader_for(subset))
+    seconds = time.perf_counter() - start
+    if write:
+        try:
+            store.add([keys[i] for i in missing], new)
+        except (OSError, RuntimeError, UserError) as err:  # full or read-only cache folder: go on from memory
+            log.warning("Could not write the feature cache %s (%s); going on from memory", store.folder, err)
+    if found is None:
+        found = torch.zeros(len(keys), *new.shape[1:], dtype=new.dtype)
+    found[torch.tensor(missing, dtype=torch.long)] = new
+    return found, labels, len(missing), seconds
 
 
 def embed(

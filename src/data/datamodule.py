@@ -1,4 +1,5 @@
-"""LightningDataModule over an ImageFolder root with train/, val/ and optional test/ splits."""
+"""LightningDataModule over a folder of images: split folders, one folder of class folders, or a label CSV
+(src.data.listing), with the recipe's transforms, preflight checks and seeded, resumable sampling."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import unicodedata
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,13 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision import transforms as T
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
 
+from src.data.duplicates import Pair, find_duplicates
 from src.data.images import RGBLoader
-from src.data.preflight import (
-    cross_split_duplicates,
-    drop_samples,
-    hidden_class_folders,
-    ignored_files,
-    scan,
-    symlink_loops,
-)
+from src.data.listing import ImageList, SplitOptions, class_counts, list_images, split_rows
+from src.data.preflight import drop_samples, scan
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
@@ -73,12 +65,17 @@ class ImageFolderDataModule(LightningDataModule):
         max_bad_fraction: float = 0.05,
         duplicates: str = "warn",
         preflight_cache_dir: str | os.PathLike | None = None,
+        labels: str | None = None,
+        split: dict[str, Any] | None = None,
+        sampler: str = "random",
+        near_duplicates: dict[str, Any] | None = None,
+        imbalance_warn_ratio: float = 3.0,
     ) -> None:
         super().__init__()
         if root is None or str(root) == "":
             raise DatasetError(
-                "data.root is not set: pass data.root=/path/to/dataset, an ImageFolder root with train/ and "
-                "val/ folders (test/ optional), each holding one folder per class."
+                "data.root is not set: pass data.root=/path/to/dataset: train/ and val/ folders (test/ optional) "
+                "each holding one folder per class, or one folder of class folders, or images with data.labels=<csv>."
             )
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -101,7 +98,27 @@ class ImageFolderDataModule(LightningDataModule):
         if duplicates not in ("warn", "error"):
             raise ConfigError(f"data.duplicates must be warn or error, got {duplicates!r}.")
         self.duplicates_policy = duplicates
-        self.duplicates: list[list[tuple[str, str]]] = []  # groups of identical (split, path) in different splits
+        self.duplicates: list[Pair] = []  # exact and near copies in different splits
+        self.near_max_distance = (near_duplicates or {}).get("max_hash_distance", 8)
+        if self.near_max_distance is not None and not (
+            isinstance(self.near_max_distance, int) and 0 <= self.near_max_distance < 32
+        ):
+            raise ConfigError(
+                f"data.near_duplicates.max_hash_distance must be 0..31 bits (null: exact copies only), "
+                f"got {self.near_max_distance!r}."
+            )
+        self.labels = labels
+        split = {"seed": seed if seed is not None else 0, **(split or {})}
+        if split.get("seed") is None:
+            split["seed"] = 0
+        self.split_options = SplitOptions(**split)
+        if sampler not in ("random", "balanced"):
+            raise ConfigError(f"data.sampler must be random or balanced, got {sampler!r}.")
+        self.sampler = sampler
+        self.imbalance_warn_ratio = float(imbalance_warn_ratio)
+        self.layout, self.how = "", ""  # folders | flat | csv, and where the splits came from, once set up
+        self.digests: dict[str, str] = {}  # path -> SHA-256 of its bytes (the preflight's): feature cache keys
+        self.phashes: dict[str, str] = {}  # path -> perceptual hash
         self.class_counts: dict[str, dict[str, int]] = {}  # split -> class -> usable images
         self.preflight_cache_dir = preflight_cache_dir
         self.skipped: list[tuple[str, str, str]] = []  # (split, path, reason) of files left out by preflight
@@ -111,7 +128,7 @@ class ImageFolderDataModule(LightningDataModule):
         normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         self.train_transform = T.Compose([*train_transforms, *normalize])
         self.eval_transform = T.Compose([*eval_transforms, *normalize])
-        self.datasets: dict[str, ImageFolder] = {}
+        self.datasets: dict[str, ImageList] = {}
         self.classes: list[str] = []
         # split -> (dataset, sampler, batch size) of precomputed features that replace the images
         self.feature_sets: dict[str, tuple[Dataset, Sampler | None, int]] = {}
@@ -124,70 +141,80 @@ class ImageFolderDataModule(LightningDataModule):
             self.prepare(self.root)
 
     def split_dir(self, split: str) -> Path:
-        """Folder of a split (``train``, ``val``, ``test``)."""
+        """Folder of a split (``train``, ``val``, ``test``) in the split-folder layout."""
         return self.root / self.splits[split]
 
-    def has_split(self, split: str) -> bool:
-        return self.split_dir(split).is_dir()
-
     def setup(self, stage: str | None = None) -> None:
-        """Scan the splits once, check their classes agree, and build the datasets."""
+        """List the images (any layout), split what is unsplit, preflight them, and build the datasets."""
         if self.datasets:
             return
-        if not self.root.is_dir():
-            raise DatasetError(f"data.root {self.root} does not exist or is not a folder.")
-        for required in ("train", "val"):
-            if not self.has_split(required):
-                raise DatasetError(
-                    f"{self.split_dir(required)} is missing: data.root must hold train/ and val/ folders "
-                    "(test/ optional), each with one sub-folder per class."
-                )
-        present = [s for s in ("train", "val", "test") if self.has_split(s)]
-        self.check_folders([self.split_dir(s) for s in present])
-        try:
-            classes = {s: find_classes(str(self.split_dir(s)))[0] for s in present}
-        except FileNotFoundError as err:  # a split with no class folders at all
-            raise DatasetError(f"{err}. Each split needs one sub-folder per class.") from None
-        check_same_classes(classes)
-        for split in present:
+        listing = list_images(self.root, self.splits, self.labels, self.split_options)
+        self.layout, self.how = listing.layout, listing.how
+        for split, samples in listing.samples.items():
             transform = self.train_transform if split == "train" else self.eval_transform
-            try:
-                self.datasets[split] = ImageFolder(str(self.split_dir(split)), transform, loader=self.loader)
-            except FileNotFoundError as err:
-                raise DatasetError(f"{self.split_dir(split)}: {err}") from None
-        self.preflight()
-        self.classes = list(self.datasets["train"].classes)
-        for split, ds in self.datasets.items():
-            per_class = Counter(ds.targets)
-            self.class_counts[split] = {name: per_class[i] for i, name in enumerate(ds.classes)}
+            self.datasets[split] = ImageList(str(self.root), samples, listing.classes, transform, self.loader)
+        log.info("Data %s: %s", self.root, listing.how)
+        self.preflight(listing.ignored)
+        self.classes = list(listing.classes)
+        self.class_counts = class_counts(self.datasets)
         log.info("Dataset %s: %d classes\n%s", self.root, len(self.classes), format_counts(self.class_counts))
+        self.warn_imbalance()
+        missing = [c for c, n in self.class_counts["val"].items() if n == 0]
+        if missing:
+            log.warning("No validation image for classes %s: their scores are not measured.", missing)
 
-    def check_folders(self, split_dirs: list[Path]) -> None:
-        """Stop on folder layouts ImageFolder would misread: symlink loops (an endless walk), hidden folders
-        (extra classes)."""
-        loops = symlink_loops(self.root)
-        if loops:
-            listing = "\n".join(f"  {link} -> {target}" for link, target in loops)
-            raise DatasetError(
-                f"Symlinked folders under {self.root} lead back to a folder above them (an endless walk):\n"
-                f"{listing}\nRemove or replace these links."
-            )
-        hidden = hidden_class_folders(split_dirs)
-        if hidden:
-            listing = "\n".join(f"  {h}" for h in hidden)
-            raise DatasetError(
-                f"Hidden folders would become classes:\n{listing}\nDelete them or move them out of the dataset "
-                "(e.g. .ipynb_checkpoints left by Jupyter)."
-            )
+    def warn_imbalance(self) -> None:
+        """Say so when the largest training class has more than ``imbalance_warn_ratio`` times the smallest."""
+        counts = self.class_counts["train"]
+        small, large = min(counts.values()), max(counts.values())
+        if small and large / small <= self.imbalance_warn_ratio:
+            return
+        ratio = f"{large / small:.1f}x" if small else "some classes have none"
+        log.warning(
+            "Classes are imbalanced in train (largest/smallest: %s). Options: model.loss.class_weights=auto "
+            "(weight the loss by inverse class frequency), data.sampler=balanced (draw classes equally), and "
+            "callbacks.model_checkpoint.monitor=val/macro_f1 callbacks.model_checkpoint.mode=max (keep the "
+            "best macro-F1). Accuracy flatters the large classes: macro-F1 and balanced accuracy are logged too.",
+            ratio,
+        )
 
-    def preflight(self) -> None:
-        """Decode every image once; skip the bad ones (listed in ``skipped``) or stop, per ``bad_files``."""
+    def split_rows(self) -> list[tuple[str, str, str]]:
+        """(path under root, label, split) of every image used: split.csv."""
+        return split_rows(self.root, self.datasets)
+
+    def split_summary(self) -> dict[str, Any]:
+        """Where the splits came from, for summary.json (sweeps group k-fold jobs by it)."""
+        opts = self.split_options
+        return {"layout": self.layout, "how": self.how, "folds": opts.folds, "fold": opts.fold if opts.folds else None}
+
+    def sample_weights(self) -> torch.Tensor | None:
+        """Per training image, the chance the balanced sampler draws it (1 / its class's count); None: random."""
+        if self.sampler != "balanced":
+            return None
+        targets = torch.tensor(self.datasets["train"].targets)
+        counts = torch.bincount(targets, minlength=len(self.classes)).clamp(min=1)
+        return 1.0 / counts[targets].double()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The held-out images (path under root, label) of this run, kept in its checkpoints: src.eval
+        evaluates exactly these, whatever the folder holds later."""
+        rows = self.split_rows()
+        return {
+            "layout": self.layout,
+            "held_out": {s: [[p, c] for p, c, g in rows if g == s] for s in ("val", "test") if s in self.datasets},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the split comes from the data and config (a resume checks the data itself)."""
+
+    def preflight(self, ignored: list[tuple[str, str, str]]) -> None:
+        """Decode every image once; skip the bad ones (listed in ``skipped``) or stop, per ``bad_files``;
+        then look for copies across splits."""
         paths = [p for ds in self.datasets.values() for p, _ in ds.samples]
-        bad, digests = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
+        bad, self.digests, self.phashes = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
         usable = {split: [p for p, _ in ds.samples if p not in bad] for split, ds in self.datasets.items()}
-        self.check_duplicates(usable, digests)
-        self.fingerprint = data_fingerprint(self.root, self.datasets, digests, bad)
-        ignored = [(split, p, why) for split, ds in self.datasets.items() for p, why in ignored_files(ds.root)]
+        self.check_duplicates(usable)
+        self.fingerprint = data_fingerprint(self.root, self.datasets, self.digests, bad)
         self.skipped = list(ignored)  # a copy: the unusable files are added below
         if ignored:
             log.info(
@@ -211,16 +238,20 @@ class ImageFolderDataModule(LightningDataModule):
             drop_samples(ds, bad)
         log.warning("Skipping %d unusable image files (%.1f%%):\n%s%s", len(bad), 100 * fraction, listing, more)
 
-    def check_duplicates(self, files: dict[str, list[str]], digests: dict[str, str]) -> None:
-        """Warn about (or, with duplicates=error, stop on) identical files in different splits: leakage."""
-        self.duplicates = cross_split_duplicates(files, digests)
+    def check_duplicates(self, files: dict[str, list[str]]) -> None:
+        """Warn about (or, with duplicates=error, stop on) copies in different splits: leakage. Exact by
+        SHA-256; near (resized, re-encoded) by perceptual hash."""
+        self.duplicates = find_duplicates(files, self.digests, self.phashes, self.near_max_distance)
         if not self.duplicates:
             return
-        listing = "\n".join("  " + " = ".join(f"{s}:{p}" for s, p in group) for group in self.duplicates[:20])
+        listing = "\n".join(
+            f"  {q.kind} ({q.similarity:.2f}): {q.split_a}:{q.path_a} = {q.split_b}:{q.path_b}"
+            for q in self.duplicates[:20]
+        )
         more = f"\n  ... and {len(self.duplicates) - 20} more" if len(self.duplicates) > 20 else ""
         message = (
-            f"{len(self.duplicates)} images appear in more than one split (same bytes): validation scores "
-            f"on them are not honest:\n{listing}{more}"
+            f"{len(self.duplicates)} pairs of images in different splits are copies (exact: same bytes; near: "
+            f"resized or re-encoded): validation scores on them are not honest:\n{listing}{more}"
         )
         if self.duplicates_policy == "error":
             raise DatasetError(f"{message}\nRemove the copies, or set data.duplicates=warn; nothing was trained.")
@@ -232,14 +263,12 @@ class ImageFolderDataModule(LightningDataModule):
         """Serve ``split`` from precomputed features (in memory, no workers) instead of decoding images."""
         self.feature_sets[split] = (dataset, sampler, batch_size)
 
-    def image_loader(self, split: str, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
-        """A one-off, in-order loader over a split's images with its own transform (for embedding).
-
-        ``generator`` seeds the workers' random transforms, so an augmented pass is reproducible.
-        """
+    def image_loader(self, split: str, batch_size: int, dataset: Dataset | None = None) -> DataLoader:
+        """A one-off, in-order loader over a split's images with its own transform (for embedding), or over
+        ``dataset`` (some of them)."""
         options = self._worker_options(seed_workers=False)
         options.pop("persistent_workers")  # one pass only
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=False, generator=generator, **options)
+        return DataLoader(self.datasets[split] if dataset is None else dataset, batch_size=batch_size, **options)
 
     def _worker_options(self, seed_workers: bool) -> dict[str, Any]:
         """Decoding workers that die with this process; ``seed_workers``: Lightning's per-worker seeding too."""
@@ -266,9 +295,13 @@ class ImageFolderDataModule(LightningDataModule):
                 # own generator: creating the loader draws nothing from the global RNG (dropout's)
                 options["generator"] = torch.Generator().manual_seed(self.seed)
                 if shuffle:
-                    sampler = EpochSampler(len(dataset), self.seed, epoch_source=self._trainer_epoch)
+                    sampler = EpochSampler(
+                        len(dataset), self.seed, epoch_source=self._trainer_epoch, weights=self.sample_weights()
+                    )
                     dataset = SeededItems(dataset, self.seed)
         rank, world = self._ranks()
+        if shuffle and sampler is None and self.sampler == "balanced":  # no seed: torch's own weighted draws
+            sampler, shuffle = WeightedRandomSampler(self.sample_weights(), len(dataset), replacement=True), False
         if shuffle and sampler is None and world > 1:
             raise ConfigError("Training on several processes needs a seed (seed=42): every rank must shuffle alike.")
         if shuffle and sampler is not None:
@@ -308,7 +341,7 @@ class ImageFolderDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.datasets:
-            raise DatasetError(f"{self.split_dir('test')} does not exist: this dataset has no test split.")
+            raise DatasetError(f"{self.root} has no test split (a test/ folder, data.split.test, or split=test rows).")
         return self._loader("test", shuffle=False)
 
 
@@ -337,56 +370,7 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def check_same_classes(classes: dict[str, list[str]]) -> None:
-    """Raise DatasetError naming the differing class folders when splits disagree, or when a class name
-    can't be used as one.
-
-    Plain ImageFolder numbers classes per split, so a missing folder silently shifts every label. A name
-    with a line break or another control character would break labels.txt and every CSV a line per class;
-    two names that differ only in Unicode normalization (NFC vs NFD, as macOS and Linux write "café") look
-    identical but are different folders.
-    """
-    for split, names in classes.items():
-        odd = [n for n in names if any(unicodedata.category(ch) == "Cc" for ch in n)]
-        if odd:
-            raise DatasetError(
-                f"Class folder names in {split} hold line breaks or other control characters: "
-                f"{[ascii(n) for n in odd]}. Rename these folders (the name becomes the class label)."
-            )
-        by_form: dict[str, list[str]] = {}
-        for n in names:
-            by_form.setdefault(unicodedata.normalize("NFC", n), []).append(n)
-        twins = [forms for forms in by_form.values() if len(forms) > 1]
-        if twins:
-            listing = [[ascii(f) for f in t] for t in twins]
-            raise DatasetError(
-                f"Class folders in {split} differ only in Unicode normalization: {listing}. Merge each into one."
-            )
-    reference = classes["train"]
-    for split, names in classes.items():
-        if names == reference:
-            continue
-        only_train = sorted(set(reference) - set(names))
-        only_here = sorted(set(names) - set(reference))
-        nfc = [unicodedata.normalize("NFC", n) for n in reference]
-        if sorted(nfc) == sorted(unicodedata.normalize("NFC", n) for n in names):
-            pairs = [
-                f"train {ascii(a)} vs {split} {ascii(b)}"
-                for a in only_train
-                for b in only_here
-                if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
-            ]
-            raise DatasetError(
-                f"Class folder names look the same in train and {split} but are written in different Unicode "
-                f"forms (NFC vs NFD): {'; '.join(pairs)}. Rename them alike (e.g. with the same tool)."
-            )
-        raise DatasetError(
-            f"Class folders differ between train and {split}: only in train: {only_train or 'none'}; "
-            f"only in {split}: {only_here or 'none'}. Every split needs the same class folders."
-        )
-
-
-def data_fingerprint(root: Path, datasets: dict[str, ImageFolder], digests: dict[str, str], bad: dict[str, str]) -> str:
+def data_fingerprint(root: Path, datasets: dict[str, ImageList], digests: dict[str, str], bad: dict[str, str]) -> str:
     """SHA-256 over (split, path under root, class, content SHA-256) of every usable image: what a run
     trained and validated on, independent of where the dataset folder sits."""
     rows = sorted(

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from src.data.seeding import epoch_order
+
 
 class FeatureSet(Dataset):
     """(feature, label) pairs whose size is known before they are computed.
@@ -39,13 +41,20 @@ class ViewSampler(Sampler[int]):
 
     The features dataset holds views stacked view-major (index ``view * N + image``). Order and view
     choice depend only on (seed, epoch), so a resumed epoch replays exactly. Lightning calls
-    ``set_epoch`` before every training epoch.
+    ``set_epoch`` before every training epoch. With ``weights`` (the balanced sampler) images are drawn with
+    replacement by weight.
     """
 
     def __init__(
-        self, num_images: int, num_views: int, seed: int, epoch_source: Callable[[], int] | None = None
+        self,
+        num_images: int,
+        num_views: int,
+        seed: int,
+        epoch_source: Callable[[], int] | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.num_images, self.num_views, self.seed = num_images, num_views, seed
+        self.weights = weights  # per image: the balanced sampler's draw chances (see seeding.epoch_order)
         self.epoch = 0
         self.epoch_source = epoch_source  # the trainer's epoch: right even before Lightning calls set_epoch
 
@@ -58,6 +67,6 @@ class ViewSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch_source() if self.epoch_source is not None else self.epoch
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.num_images, generator=g)
+        order = epoch_order(self.num_images, g, self.weights)
         views = torch.randint(self.num_views, (self.num_images,), generator=g)
         return iter((views[order] * self.num_images + order).tolist())

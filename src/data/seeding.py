@@ -23,17 +23,24 @@ def mix(*values: int) -> int:
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (index, epoch): a permutation seeded by (seed, epoch).
+    """Yields (index, epoch): a permutation seeded by (seed, epoch); with ``weights``, ``size`` draws with
+    replacement, each index with chance proportional to its weight (the balanced sampler).
 
     ``epoch_source`` (the trainer's current epoch) wins over ``set_epoch``: Lightning creates the first
     iterator of a fit before it calls ``set_epoch``, which would replay epoch 0 in a resumed run.
     """
 
     def __init__(
-        self, size: int, seed: int, shuffle: bool = True, epoch_source: Callable[[], int] | None = None
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        epoch_source: Callable[[], int] | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
         self.epoch_source = epoch_source
+        self.weights = weights
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,8 +55,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
         epoch = self.current_epoch()
         order = range(self.size)
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix(self.seed, epoch))).tolist()
+            order = epoch_order(self.size, torch.Generator().manual_seed(mix(self.seed, epoch)), self.weights).tolist()
         return ((i, epoch) for i in order)
+
+
+def epoch_order(size: int, generator: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One epoch's indices: a permutation, or with ``weights`` ``size`` weighted draws with replacement."""
+    if weights is None:
+        return torch.randperm(size, generator=generator)
+    return torch.multinomial(weights, size, replacement=True, generator=generator)
 
 
 class SeededItems(Dataset):
@@ -63,10 +77,29 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, epoch = key
-        generator = torch.default_generator  # the CPU generator the transforms draw from
-        state = generator.get_state()
-        generator.manual_seed(mix(self.seed, epoch, index))
-        try:
-            return self.dataset[index]
-        finally:
-            generator.set_state(state)
+        return seeded_item(self.dataset, index, mix(self.seed, epoch, index))
+
+
+class KeySeededItems(Dataset):
+    """Wraps a dataset so item i is transformed under the torch seed ``seeds[i]``: an augmented view that
+    depends on the image alone (a seed from its content), not on its position in this run's list."""
+
+    def __init__(self, dataset: Dataset, seeds: list[int]) -> None:
+        self.dataset, self.seeds = dataset, seeds
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, index: int) -> Any:
+        return seeded_item(self.dataset, index, self.seeds[index])
+
+
+def seeded_item(dataset: Dataset, index: int, seed: int) -> Any:
+    """``dataset[index]`` with the CPU generator the transforms draw from seeded by ``seed``, then restored."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return dataset[index]
+    finally:
+        generator.set_state(state)

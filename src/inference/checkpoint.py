@@ -34,6 +34,7 @@ class TrainedModel:
     model: TransferClassifier
     hparams: dict[str, Any]
     transform: T.Compose  # the checkpoint's deterministic preprocessing
+    held_out: dict[str, list[tuple[str, str]]] | None = None  # split -> (path under data root, label) of its run
 
     @property
     def classes(self) -> list[str]:
@@ -145,7 +146,32 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         ) from None
     check_weights(state, model, path)
     model.load_state_dict(state, strict=True)
-    return TrainedModel(model.to(device).eval(), hp, transform)
+    return TrainedModel(model.to(device).eval(), hp, transform, held_out_images(ckpt, list(hp["class_names"]), path))
+
+
+DATAMODULE_STATE = "ImageFolderDataModule"  # Lightning stores a datamodule's state_dict under its class name
+
+
+def held_out_images(ckpt: dict[str, Any], classes: list[str], path: Path) -> dict[str, list[tuple[str, str]]] | None:
+    """The val/test images (path under the data root, label) its run held out, checked to be plain and
+    inside the root; None for checkpoints written before runs recorded them."""
+    state = ckpt.get(DATAMODULE_STATE)
+    if state is None:
+        return None
+    held = state.get("held_out") if isinstance(state, dict) else None
+    if not isinstance(held, dict):
+        raise UserError(f"{path}: its record of held-out images is malformed.")
+    out: dict[str, list[tuple[str, str]]] = {}
+    for split, rows in held.items():
+        ok = split in ("val", "test") and isinstance(rows, list)
+        ok = ok and all(
+            isinstance(r, list | tuple) and len(r) == 2 and all(isinstance(x, str) for x in r) and r[1] in classes
+            for r in rows
+        )
+        if not ok or any(os.path.isabs(r[0]) or os.path.normpath(r[0]).split(os.sep)[0] == ".." for r in rows):
+            raise UserError(f"{path}: its record of held-out {split} images is malformed.")
+        out[split] = [(r[0], r[1]) for r in rows]
+    return out
 
 
 def rebuild(ckpt: dict[str, Any], hp: dict[str, Any]) -> tuple[TransferClassifier, dict[str, Any]]:

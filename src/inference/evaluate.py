@@ -1,4 +1,4 @@
-"""Evaluate a trained model on an ImageFolder split: metrics, confusion matrix, worst mistakes."""
+"""Evaluate a trained model on a split of images: metrics, confusion matrix, worst mistakes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -15,7 +15,6 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
-from torchvision.datasets import ImageFolder
 from torchvision.utils import make_grid, save_image
 
 from src.utils.io import write_csv, write_json
@@ -59,7 +58,7 @@ def compute_metrics(log_probs: torch.Tensor, labels: torch.Tensor, class_names: 
 
 def evaluate_split(
     model: torch.nn.Module,
-    dataset: ImageFolder,
+    dataset: Dataset,
     class_names: list[str],
     batch_size: int,
     num_workers: int,
@@ -76,7 +75,7 @@ def write_reports(
     metrics: dict[str, Any],
     log_probs: torch.Tensor,
     labels: torch.Tensor,
-    dataset: ImageFolder,
+    dataset: Dataset,
     class_names: list[str],
     mean: list[float],
     std: list[float],

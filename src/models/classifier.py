@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.models.backbones import build_backbone, check_backbone_name
 from src.models.head import build_head, check_head
@@ -49,15 +49,18 @@ class TransferClassifier(LightningModule):
         slim_checkpoint: bool = False,
         data_root: str | None = None,
         data_fingerprint: str | None = None,
+        loss: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_model_config(backbone, head, optimizer, scheduler)
+        weights = check_class_weights((loss or {}).get("class_weights"), len(class_names))
         self.save_hyperparameters()
         built = build_backbone(backbone["name"], backbone.get("weights"))
         self.channels_last = bool(backbone.get("channels_last", False))
         self.backbone = built.module.to(memory_format=torch.channels_last) if self.channels_last else built.module
         self.head = build_head(built.feature_dim, len(class_names), **head)
-        self.criterion = nn.NLLLoss()
+        # the seed's NLLLoss; with class weights each sample counts by its class's weight (a weighted mean)
+        self.criterion = nn.NLLLoss(weight=None if weights is None else torch.tensor(weights))
         self.mean, self.std = built.mean, built.std
         self.weights_sha256 = built.weights_sha256
         # stages whose batches are precomputed backbone features, not images (set by the FeatureCache)
@@ -68,6 +71,11 @@ class TransferClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        # imbalance-aware scores: macro-F1, and balanced accuracy (the mean of per-class recalls)
+        self.val_macro_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.val_balanced_acc = MulticlassAccuracy(num_classes=n, average="macro")
+        self.test_macro_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.test_balanced_acc = MulticlassAccuracy(num_classes=n, average="macro")
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -141,6 +149,11 @@ class TransferClassifier(LightningModule):
         acc_metric.update(log_probs.detach(), y)
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
+        if stage != "train":
+            for name in ("macro_f1", "balanced_acc"):
+                metric = getattr(self, f"{stage}_{name}")
+                metric.update(log_probs.detach(), y)
+                self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -242,6 +255,37 @@ def check_model_config(
     check_optimizer(optimizer)
     name = (scheduler or {}).get("name")
     check_schedule(name, (scheduler or {}).get(name) if name not in (None, "none") else None)
+
+
+def check_class_weights(weights: Any, num_classes: int) -> list[float] | None:
+    """model.loss.class_weights as a list of positive finite floats, one per class (None: unweighted)."""
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        raise ConfigError(
+            f"model.loss.class_weights={weights!r} must be resolved to numbers before the model is built "
+            "(src.train turns auto into inverse class frequencies); pass null, auto or a list."
+        )
+    values = list(weights) if isinstance(weights, list | tuple) else None
+    ok = values is not None and all(
+        not isinstance(w, bool) and isinstance(w, int | float) and 0 < w < math.inf for w in values
+    )
+    if not ok or len(values) != num_classes:
+        raise ConfigError(
+            f"model.loss.class_weights must be null, auto, or {num_classes} positive numbers (one per class, "
+            f"in class order), got {weights!r}."
+        )
+    return [float(w) for w in values]
+
+
+def inverse_frequency_weights(counts: list[int]) -> list[float]:
+    """class_weights=auto: 1 / class count, scaled so the weights average 1 over the training images."""
+    if not counts or min(counts) < 1:
+        raise ConfigError(
+            f"model.loss.class_weights=auto needs every class in the training split, got counts {counts}."
+        )
+    total, k = sum(counts), len(counts)
+    return [round(total / (k * c), 6) for c in counts]
 
 
 def check_optimizer(optimizer: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from src.utils.errors import UserError
+from src.utils.precision import fastest_precision
 from src.utils.processes import stop_on_sigterm
 
 log = logging.getLogger("src")
@@ -48,6 +49,8 @@ def unique_dir(base: str) -> str:
 
 # hydra.run.dir / hydra.sweep.dir: ${unique_dir:.../${now:...}} (conf/hydra/default.yaml)
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+# trainer.precision: ${fastest_precision:} picks bf16 where the CPU or GPU computes it natively
+OmegaConf.register_new_resolver("fastest_precision", fastest_precision, replace=True)
 
 
 def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:

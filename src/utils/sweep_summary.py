@@ -21,7 +21,19 @@ SUMMARY = "summary.json"
 SWEEP_SUMMARY = "sweep_summary.csv"
 FAILURE = "job_failure.json"
 log = logging.getLogger(__name__)
-COLUMNS = ["job", "status", "best_val_loss", "best_val_acc", "epochs", "wall_s", "overrides", "reason"]
+COLUMNS = [
+    "job",
+    "status",
+    "best_val_loss",
+    "best_val_acc",
+    "best_val_macro_f1",
+    "epochs",
+    "wall_s",
+    "overrides",
+    "reason",
+]
+KFOLD_SUMMARY = "kfold_summary.json"
+FOLD_METRICS = ("best_val_acc", "best_val_macro_f1", "best_val_balanced_acc", "best_val_loss")
 
 
 class SweepSummary(Callback):
@@ -51,7 +63,9 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides)}
     if (job_dir / SUMMARY).is_file():
         summary = json.loads((job_dir / SUMMARY).read_text())
-        row.update({k: summary.get(k) for k in ("status", "best_val_loss", "best_val_acc", "epochs", "wall_s")})
+        keys = ("status", "best_val_loss", "best_val_acc", "best_val_macro_f1", "best_val_balanced_acc", "epochs")
+        row.update({k: summary.get(k) for k in (*keys, "wall_s")})
+        row["fold"] = (summary.get("split") or {}).get("fold")
     elif (job_dir / FAILURE).is_file():
         row.update(json.loads((job_dir / FAILURE).read_text()))
     else:
@@ -71,4 +85,30 @@ def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
     rows.sort(key=key)
     write_csv(sweep_dir / SWEEP_SUMMARY, COLUMNS, ([row.get(c) for c in COLUMNS] for row in rows))
+    write_kfold_summary(sweep_dir, rows)
     return rows
+
+
+def write_kfold_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """k-fold sweeps: mean ± std of the best-epoch metrics over the folds of each setting (the jobs whose
+    overrides differ only in data.split.fold), in kfold_summary.json and the log."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("status") == "ok" and row.get("fold") is not None:
+            setting = " ".join(o for o in row["overrides"].split() if not o.startswith("data.split.fold="))
+            groups.setdefault(setting, []).append(row)
+    if not groups:
+        return
+    out = []
+    for setting, members in groups.items():
+        entry: dict[str, Any] = {"overrides": setting, "folds": sorted(r["fold"] for r in members)}
+        for metric in FOLD_METRICS:
+            values = [float(r[metric]) for r in members if isinstance(r.get(metric), int | float)]
+            if values:
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+                entry[metric] = {"mean": round(mean, 6), "std": round(std, 6)}
+        out.append(entry)
+        parts = [f"{m} {entry[m]['mean']:.4f} ± {entry[m]['std']:.4f}" for m in FOLD_METRICS[:2] if m in entry]
+        log.info("%d folds%s: %s", len(members), f" ({setting})" if setting else "", ", ".join(parts))
+    write_json(sweep_dir / KFOLD_SUMMARY, out)

@@ -1,0 +1,83 @@
+"""Dataset audit helpers: rank images by how likely their given label is wrong, and show the worst.
+
+Out-of-fold predicted probabilities come from k logistic-regression heads (scikit-learn) on the cached
+backbone features; cleanlab turns them into per-image label-quality scores and its confident-learning
+verdict (``find_label_issues``), rather than a hand-rolled version of either.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from src.data.images import load_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelRanking:
+    """Per image (in input order): quality of its given label (0 worst .. 1 best), the label the heads
+    suggest, and cleanlab's confident-learning verdict."""
+
+    quality: np.ndarray
+    suggested: np.ndarray
+    flagged: np.ndarray
+    oof_accuracy: float
+    folds: int
+
+
+def rank_label_issues(
+    features: torch.Tensor, labels: torch.Tensor, folds: int, seed: int, c: float, max_iter: int
+) -> LabelRanking:
+    """Out-of-fold probabilities from ``folds`` stratified logistic-regression heads, scored by cleanlab."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = features.float().numpy()
+    y = labels.numpy()
+    smallest = int(np.bincount(y).min())
+    k = max(2, min(folds, smallest))
+    if k != folds:
+        log.warning(
+            "The smallest class has %d images: %d folds instead of %d for the label ranking", smallest, k, folds
+        )
+    head = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    probs = cross_val_predict(head, x, y, cv=cv, method="predict_proba")
+    quality = get_label_quality_scores(y, probs)
+    flagged = np.zeros(len(y), dtype=bool)
+    flagged[find_label_issues(y, probs, return_indices_ranked_by="self_confidence")] = True
+    suggested = probs.argmax(1)
+    return LabelRanking(quality, suggested, flagged, float((suggested == y).mean()), k)
+
+
+def suspects_grid(
+    paths: list[str], given: list[str], suggested: list[str], out: Path, columns: int = 4, side: int = 192
+) -> None:
+    """A PNG grid of images, each captioned "given → suggested"."""
+    if not paths:
+        return
+    caption = 36
+    rows = (len(paths) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * side, rows * (side + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (path, g, s) in enumerate(zip(paths, given, suggested, strict=True)):
+        x, y = (i % columns) * side, (i // columns) * (side + caption)
+        try:
+            tile = ImageOps.fit(load_rgb(path, side), (side - 8, side - 8))
+        except Exception:  # noqa: BLE001 - a file that vanished since the scan: leave its tile blank
+            tile = Image.new("RGB", (side - 8, side - 8), "lightgrey")
+        sheet.paste(tile, (x + 4, y + 4))
+        draw.text((x + 4, y + side), f"{i + 1}. {g} -> {s}"[:32], fill="black")
+        draw.text((x + 4, y + side + 14), Path(path).name[:30], fill="dimgray")
+    sheet.save(out)

@@ -1,0 +1,117 @@
+"""Leakage and copies: exact duplicates (same bytes) and near-duplicates (resized, re-encoded copies).
+
+Near-duplicates are found by perceptual hash (pHash, computed by the preflight's decode), optionally also
+by the cosine of centred backbone features (the audit, which embeds every image). Measured on hymenoptera
+(396 photos, 78k distinct pairs), see docs/data.md: a copy resized to 50-70 % and re-encoded at JPEG
+quality 40-60 is within 2 bits of its source, no two distinct photos closer than 14 bits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from src.data.preflight import hash_matrix
+
+BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint8)  # popcount table
+CHUNK = 1024  # rows compared at once: bounds memory at CHUNK x N x 8 bytes
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two files that are the same image: ``kind`` exact (same bytes) or near; ``similarity`` 1.0 for exact,
+    else 1 - differing pHash bits / 64, or the centred cosine for pairs found by features."""
+
+    kind: str
+    similarity: float
+    split_a: str
+    path_a: str
+    split_b: str
+    path_b: str
+
+    def row(self) -> tuple[str, float, str, str, str, str]:
+        return (self.kind, round(self.similarity, 4), self.split_a, self.path_a, self.split_b, self.path_b)
+
+
+COLUMNS = ["kind", "similarity", "split_a", "path_a", "split_b", "path_b"]
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def find_duplicates(
+    files: dict[str, list[str]],
+    digests: dict[str, str],
+    phashes: dict[str, str],
+    max_distance: int | None,
+    within: bool = False,
+) -> list[Pair]:
+    """Exact and near-duplicate pairs between different splits (and inside each one with ``within``).
+
+    ``max_distance``: the most pHash bits a near pair may differ by (None: exact only). A pair lists the
+    earlier split (train before val before test) first. Exact pairs first, then by similarity.
+    """
+    items = [(s, p) for s in sorted(files, key=lambda s: SPLIT_ORDER.get(s, 9)) for p in files[s]]
+    pairs = exact_pairs(items, digests, within)
+    if max_distance is not None:
+        exact = {(p.path_a, p.path_b) for p in pairs}
+        pairs += [q for q in near_pairs(items, phashes, max_distance, within) if (q.path_a, q.path_b) not in exact]
+    return sorted(pairs, key=lambda q: (q.kind != "exact", -q.similarity, q.path_a, q.path_b))
+
+
+def exact_pairs(items: list[tuple[str, str]], digests: dict[str, str], within: bool) -> list[Pair]:
+    by_digest: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for split, path in items:
+        if path in digests:
+            by_digest[digests[path]].append((split, path))
+    pairs = []
+    for group in by_digest.values():
+        for i, (sa, pa) in enumerate(group):
+            for sb, pb in group[i + 1 :]:
+                if within or sa != sb:
+                    pairs.append(Pair("exact", 1.0, sa, pa, sb, pb))
+    return pairs
+
+
+def near_pairs(items: list[tuple[str, str]], phashes: dict[str, str], max_distance: int, within: bool) -> list[Pair]:
+    """Pairs whose perceptual hashes differ by at most ``max_distance`` bits."""
+    hashed = [(s, p) for s, p in items if p in phashes]
+    if len(hashed) < 2:
+        return []
+    matrix = hash_matrix([phashes[p] for _, p in hashed])
+    splits = np.array([SPLIT_ORDER.get(s, 9) for s, _ in hashed])
+    pairs = []
+    for start in range(0, len(hashed), CHUNK):
+        block = matrix[start : start + CHUNK]
+        dist = BITS[block[:, None, :] ^ matrix[None, :, :]].sum(-1, dtype=np.int32)
+        rows, cols = np.nonzero(dist <= max_distance)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            i = start + r
+            if c <= i or (not within and splits[i] == splits[c]):
+                continue
+            (sa, pa), (sb, pb) = hashed[i], hashed[c]
+            pairs.append(Pair("near", 1 - int(dist[r, c]) / 64, sa, pa, sb, pb))
+    return pairs
+
+
+def feature_pairs(
+    items: list[tuple[str, str]], features: torch.Tensor, min_cosine: float, within: bool, skip: set[tuple[str, str]]
+) -> list[Pair]:
+    """Near pairs by the cosine of features centred on their mean (the shared component inflates raw
+    cosines); ``skip``: (path_a, path_b) pairs already found."""
+    x = features.float()
+    x = torch.nn.functional.normalize(x - x.mean(0, keepdim=True), dim=1)
+    splits = torch.tensor([SPLIT_ORDER.get(s, 9) for s, _ in items])
+    pairs = []
+    for start in range(0, len(items), CHUNK):
+        sim = x[start : start + CHUNK] @ x.T
+        rows, cols = torch.nonzero(sim >= min_cosine, as_tuple=True)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            i = start + r
+            if c <= i or (not within and splits[i] == splits[c]):
+                continue
+            (sa, pa), (sb, pb) = items[i], items[c]
+            if (pa, pb) not in skip and (pb, pa) not in skip:
+                pairs.append(Pair("near", float(sim[r, c]), sa, pa, sb, pb))
+    return pairs

@@ -62,6 +62,12 @@ def run_cli(*args: str, scratch: Path, timeout: int = 600) -> subprocess.Complet
 def compose_train_cfg(output_dir: Path, *overrides: str):
     """The real training config (Hydra compose API) for an in-process ``train(cfg)``: outputs in
     ``output_dir``, caches beside it, no Hydra run folder or logging set-up."""
+    return compose_cfg("train", output_dir, *overrides)
+
+
+def compose_cfg(config_name: str, output_dir: Path, *overrides: str):
+    """A task's real config (train, eval, audit, ...) composed for an in-process call, as
+    ``compose_train_cfg``; a Hydra main takes it directly: ``main(cfg)``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -74,7 +80,7 @@ def compose_train_cfg(output_dir: Path, *overrides: str):
         f"paths.cache_dir={output_dir.parent / 'cache'}",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*fixed, *overrides], return_hydra_config=True)
+        cfg = compose(config_name, overrides=[*fixed, *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # what a Hydra main would have set (run mode, overrides)
     with open_dict(cfg):
         del cfg.hydra  # resolving it would create a run folder under logs/

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-fast lint format tensorboard sweep bench bench-ft clean
+.PHONY: install train test test-fast lint format tensorboard sweep bench bench-ft bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ sweep: $(STAMP) ## the README's lr x dropout sweep; ARGS adds overrides (e.g. da
 	$(PY) -m src.train -m experiment=lite0_fe model.optimizer.lr=0.001,0.01 model.head.dropout=0.2,0.4 $(ARGS)
 
 clean: ## remove run outputs, caches and generated data (not .venv)
-	rm -rf logs/train logs/eval logs/predict logs/export .cache data/synthetic_shapes .pytest_cache .ruff_cache
+	rm -rf logs/train logs/eval logs/predict logs/export logs/audit .cache data/synthetic_shapes .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -exec rm -rf {} +
 
 bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes docs/benchmarks.md (DATA=... to change)
@@ -46,3 +46,6 @@ bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes doc
 
 bench-ft: $(STAMP) ## lite0_fe vs lite0_ft over 3 seeds on hymenoptera; writes docs/fe_vs_ft.md
 	$(PY) -m benchmarks.fe_vs_ft $(if $(DATA),--data $(DATA)) $(ARGS)
+
+bench-data: $(STAMP) ## splitting, audit, near-duplicates and k-fold cost on hymenoptera merged into one folder; writes docs/data_figures.md
+	$(PY) -m benchmarks.your_data $(if $(DATA),--data $(DATA)) $(ARGS)

@@ -94,7 +94,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     rank_s = time.perf_counter() - rank_start
 
     files = {s: [p for p, _ in ds.samples] for s, ds in dm.datasets.items()}
-    pairs = find_duplicates(files, dm.digests, dm.phashes, dm.near_max_distance, within=True)
+    pairs = find_duplicates(files, dm.digests, dm.signatures, dm.near_rule, within=True)
     if a.near_cosine is not None:
         found = {(q.path_a, q.path_b) for q in pairs}
         pairs += feature_pairs([(s, p) for s, p, _ in items], feats, float(a.near_cosine), True, found)

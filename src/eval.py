@@ -40,10 +40,12 @@ def main(cfg: DictConfig) -> float:
     if not str(root) or not root.is_dir():
         raise DatasetError(f"Dataset root {root} not found: pass data.root=/path/to/dataset.")
     loader = RGBLoader(cfg.data.decode_min_side)
-    held = trained.held_out
-    if held and trained_root and root.resolve() == Path(trained_root).resolve():
+    held = trained.held_out or {}
+    split = cfg.split or ("test" if "test" in held else "val")
+    same_data = trained_root is not None and root.resolve() == Path(trained_root).resolve()
+    moved = split in held and all((root / rel).exists() for rel, _ in held[split])  # the same files elsewhere
+    if held and (same_data or moved):
         # the run's own held-out images, as its checkpoint recorded them: exact whatever the layout
-        split = cfg.split or ("test" if "test" in held else "val")
         if split not in held:
             raise DatasetError(f"The checkpoint's run held out no {split} images (it has: {sorted(held)}).")
         index = {c: i for i, c in enumerate(classes)}
@@ -52,7 +54,7 @@ def main(cfg: DictConfig) -> float:
         ignored: list[tuple[str, str]] = []
         log.info("Evaluating the %d %s images the checkpoint's run held out of %s", len(samples), split, root)
     else:
-        split = cfg.split or ("test" if (root / "test").is_dir() else "val")
+        split = cfg.split or ("test" if (root / "test").is_dir() else "val")  # another dataset's own folders
         folder = root / split
         if not folder.is_dir():
             raise DatasetError(f"{folder} does not exist: choose split=val or split=test.")

@@ -66,11 +66,11 @@ def test_scan_is_parallel_and_cached_by_file_list(tmp_path):
     root = make_imagefolder(tmp_path / "d", per_split={"train": 20, "val": 20})
     write_bad_files(root)
     paths = sorted(str(p) for p in root.rglob("*.*"))
-    first, digests, phashes = scan(paths, workers=2, cache_dir=tmp_path / "cache")
+    first, digests, signatures = scan(paths, workers=2, cache_dir=tmp_path / "cache")
     assert sorted(Path(p).name for p in first) == ["empty.jpg", "notanimage.jpg", "truncated.jpg"]
     assert digests[paths[0]] == sha256_file(paths[0]) and len(digests) == len(paths)
-    assert len(phashes) == len(paths) - 3 and all(len(h) == 16 for h in phashes.values())  # decodable ones
-    assert scan(paths, workers=1, cache_dir=tmp_path / "cache") == (first, digests, phashes)  # from the cache
+    assert len(signatures) == len(paths) - 3 and all(len(h) == 16 + 384 for h in signatures.values())  # decodable
+    assert scan(paths, workers=1, cache_dir=tmp_path / "cache") == (first, digests, signatures)  # from the cache
     assert len(list((tmp_path / "cache").glob("preflight-*.json"))) == 1
     (root / "train" / "bees" / "empty.jpg").write_bytes(b"")  # same content, new mtime: a new file list
     scan(paths, workers=1, cache_dir=tmp_path / "cache")

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision import transforms as T
 
 from src.data.audit import rank_label_issues
 from src.data.datamodule import ImageFolderDataModule
-from src.data.duplicates import feature_pairs, find_duplicates
+from src.data.duplicates import NearRule, feature_pairs, find_duplicates
 from src.data.listing import SplitOptions, assign_splits
 from src.data.preflight import scan
 from src.data.seeding import EpochSampler
@@ -265,12 +265,29 @@ def test_a_resized_reencoded_copy_is_a_near_duplicate_and_different_images_are_n
     files = {"train": [str(tmp_path / f"train_{i}.jpg") for i in range(6)]}
     files["val"] = [str(tmp_path / "val_copy.jpg"), str(tmp_path / "val_other.jpg")]
     result = scan(files["train"] + files["val"], 1, None)
-    pairs = find_duplicates(files, result.digests, result.phashes, max_distance=8)
+    pairs = find_duplicates(files, result.digests, result.signatures, NearRule())
     assert [(q.kind, Path(q.path_a).name, Path(q.path_b).name) for q in pairs] == [
         ("near", "train_3.jpg", "val_copy.jpg")
     ]
     assert pairs[0].similarity >= 1 - 8 / 64
-    assert find_duplicates(files, result.digests, result.phashes, max_distance=None) == []  # exact only
+    assert find_duplicates(files, result.digests, result.signatures, NearRule(None)) == []  # exact only
+
+
+def test_the_same_shape_in_other_colours_is_not_a_copy(tmp_path):
+    paths = []
+    for i, (ground, ink) in enumerate((((220, 205, 180), (120, 0, 110)), ((200, 240, 200), (210, 70, 210)))):
+        im = Image.new("RGB", (96, 96), ground)
+        draw = ImageDraw.Draw(im)
+        draw.rectangle((10, 35, 60, 55), fill=ink)
+        draw.rectangle((25, 20, 45, 70), fill=ink)
+        paths.append(str(tmp_path / f"cross_{i}.png"))
+        im.save(paths[-1])
+    result = scan(paths, 1, None)
+    a, b = (int(result.signatures[p][:16], 16) for p in paths)
+    assert (a ^ b).bit_count() <= 8  # alike by structure alone ...
+    files = {"train": paths[:1], "val": paths[1:]}
+    assert find_duplicates(files, result.digests, result.signatures, NearRule()) == []  # ... not by colour
+    assert len(find_duplicates(files, result.digests, result.signatures, NearRule(8, None))) == 1
 
 
 def test_feature_pairs_use_centred_cosine():

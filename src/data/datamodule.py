@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision import transforms as T
 
-from src.data.duplicates import Pair, find_duplicates
+from src.data.duplicates import NearRule, Pair, find_duplicates
 from src.data.images import RGBLoader
 from src.data.listing import ImageList, SplitOptions, class_counts, list_images, split_rows
 from src.data.preflight import drop_samples, scan
@@ -99,18 +99,13 @@ class ImageFolderDataModule(LightningDataModule):
             raise ConfigError(f"data.duplicates must be warn or error, got {duplicates!r}.")
         self.duplicates_policy = duplicates
         self.duplicates: list[Pair] = []  # exact and near copies in different splits
-        self.near_max_distance = (near_duplicates or {}).get("max_hash_distance", 8)
-        if self.near_max_distance is not None and not (
-            isinstance(self.near_max_distance, int) and 0 <= self.near_max_distance < 32
-        ):
-            raise ConfigError(
-                f"data.near_duplicates.max_hash_distance must be 0..31 bits (null: exact copies only), "
-                f"got {self.near_max_distance!r}."
-            )
+        self.near_rule = near_rule(near_duplicates or {})
         self.labels = labels
-        split = {"seed": seed if seed is not None else 0, **(split or {})}
-        if split.get("seed") is None:
-            split["seed"] = 0
+        split = {"seed": seed, **(split or {})}
+        split["seed"] = 0 if split["seed"] is None else split["seed"]  # a split stays put without a run seed
+        unknown = sorted(set(split) - {"seed", "val", "test", "folds", "fold"})
+        if unknown:
+            raise ConfigError(f"data.split takes seed, val, test, folds and fold; not {', '.join(unknown)}.")
         self.split_options = SplitOptions(**split)
         if sampler not in ("random", "balanced"):
             raise ConfigError(f"data.sampler must be random or balanced, got {sampler!r}.")
@@ -118,7 +113,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.imbalance_warn_ratio = float(imbalance_warn_ratio)
         self.layout, self.how = "", ""  # folders | flat | csv, and where the splits came from, once set up
         self.digests: dict[str, str] = {}  # path -> SHA-256 of its bytes (the preflight's): feature cache keys
-        self.phashes: dict[str, str] = {}  # path -> perceptual hash
+        self.signatures: dict[str, str] = {}  # path -> pHash and colour thumbnail (near-duplicates)
         self.class_counts: dict[str, dict[str, int]] = {}  # split -> class -> usable images
         self.preflight_cache_dir = preflight_cache_dir
         self.skipped: list[tuple[str, str, str]] = []  # (split, path, reason) of files left out by preflight
@@ -211,7 +206,7 @@ class ImageFolderDataModule(LightningDataModule):
         """Decode every image once; skip the bad ones (listed in ``skipped``) or stop, per ``bad_files``;
         then look for copies across splits."""
         paths = [p for ds in self.datasets.values() for p, _ in ds.samples]
-        bad, self.digests, self.phashes = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
+        bad, self.digests, self.signatures = scan(paths, max(1, self.num_workers), self.preflight_cache_dir)
         usable = {split: [p for p, _ in ds.samples if p not in bad] for split, ds in self.datasets.items()}
         self.check_duplicates(usable)
         self.fingerprint = data_fingerprint(self.root, self.datasets, self.digests, bad)
@@ -240,8 +235,8 @@ class ImageFolderDataModule(LightningDataModule):
 
     def check_duplicates(self, files: dict[str, list[str]]) -> None:
         """Warn about (or, with duplicates=error, stop on) copies in different splits: leakage. Exact by
-        SHA-256; near (resized, re-encoded) by perceptual hash."""
-        self.duplicates = find_duplicates(files, self.digests, self.phashes, self.near_max_distance)
+        SHA-256; near (resized, re-encoded) by perceptual hash and colour."""
+        self.duplicates = find_duplicates(files, self.digests, self.signatures, self.near_rule)
         if not self.duplicates:
             return
         listing = "\n".join(
@@ -343,6 +338,27 @@ class ImageFolderDataModule(LightningDataModule):
         if "test" not in self.datasets:
             raise DatasetError(f"{self.root} has no test split (a test/ folder, data.split.test, or split=test rows).")
         return self._loader("test", shuffle=False)
+
+
+def near_rule(settings: dict[str, Any]) -> NearRule:
+    """data.near_duplicates checked: pHash bits 0..31 (null: exact copies only), colour difference >= 0."""
+    unknown = sorted(set(settings) - {"max_hash_distance", "max_colour_difference"})
+    if unknown:
+        raise ConfigError(
+            f"data.near_duplicates takes max_hash_distance and max_colour_difference; not {', '.join(unknown)}."
+        )
+    rule = NearRule(**settings)
+    bits, colour = rule.max_hash_distance, rule.max_colour_difference
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits < 32):
+        raise ConfigError(
+            f"data.near_duplicates.max_hash_distance must be 0..31 bits (null: exact copies only), got {bits!r}."
+        )
+    if colour is not None and (isinstance(colour, bool) or not isinstance(colour, int | float) or not 0 <= colour):
+        raise ConfigError(
+            f"data.near_duplicates.max_colour_difference must be a number >= 0 (of 255; null: not compared), got "
+            f"{colour!r}."
+        )
+    return rule
 
 
 class WorkerInit:

@@ -1,9 +1,11 @@
 """Leakage and copies: exact duplicates (same bytes) and near-duplicates (resized, re-encoded copies).
 
-Near-duplicates are found by perceptual hash (pHash, computed by the preflight's decode), optionally also
-by the cosine of centred backbone features (the audit, which embeds every image). Measured on hymenoptera
-(396 photos, 78k distinct pairs), see docs/data.md: a copy resized to 50-70 % and re-encoded at JPEG
-quality 40-60 is within 2 bits of its source, no two distinct photos closer than 14 bits.
+Near-duplicates are found by the preflight's signature of each decoded image: pHash bits (structure) and
+an 8x8 colour thumbnail must both be close; the audit, which embeds every image, also pairs images by the
+cosine of centred backbone features. Measured (docs/data.md): a copy of a hymenoptera photo resized to
+50-70 % and re-encoded at JPEG quality 40-60 is within 2 bits and 2.4/255 of its source, no two distinct
+photos within 14 bits; the synthetic shapes set has 108 pairs of distinct images within 8 bits (the same
+shape at the same place in another colour), all more than 11/255 apart in colour.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from src.data.preflight import hash_matrix
+from src.data.preflight import signature_arrays
 
 BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint8)  # popcount table
 CHUNK = 1024  # rows compared at once: bounds memory at CHUNK x N x 8 bytes
@@ -40,23 +42,32 @@ COLUMNS = ["kind", "similarity", "split_a", "path_a", "split_b", "path_b"]
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 
+@dataclass(frozen=True)
+class NearRule:
+    """When two signatures are copies: pHash within ``max_hash_distance`` bits (None: exact copies only) and
+    8x8 thumbnails within ``max_colour_difference`` (mean absolute, of 255; None: colour not compared)."""
+
+    max_hash_distance: int | None = 8
+    max_colour_difference: float | None = 8.0
+
+
 def find_duplicates(
     files: dict[str, list[str]],
     digests: dict[str, str],
-    phashes: dict[str, str],
-    max_distance: int | None,
+    signatures: dict[str, str],
+    rule: NearRule,
     within: bool = False,
 ) -> list[Pair]:
     """Exact and near-duplicate pairs between different splits (and inside each one with ``within``).
 
-    ``max_distance``: the most pHash bits a near pair may differ by (None: exact only). A pair lists the
-    earlier split (train before val before test) first. Exact pairs first, then by similarity.
+    A pair lists the earlier split (train before val before test) first. Exact pairs first, then by
+    similarity.
     """
     items = [(s, p) for s in sorted(files, key=lambda s: SPLIT_ORDER.get(s, 9)) for p in files[s]]
     pairs = exact_pairs(items, digests, within)
-    if max_distance is not None:
+    if rule.max_hash_distance is not None:
         exact = {(p.path_a, p.path_b) for p in pairs}
-        pairs += [q for q in near_pairs(items, phashes, max_distance, within) if (q.path_a, q.path_b) not in exact]
+        pairs += [q for q in near_pairs(items, signatures, rule, within) if (q.path_a, q.path_b) not in exact]
     return sorted(pairs, key=lambda q: (q.kind != "exact", -q.similarity, q.path_a, q.path_b))
 
 
@@ -74,21 +85,24 @@ def exact_pairs(items: list[tuple[str, str]], digests: dict[str, str], within: b
     return pairs
 
 
-def near_pairs(items: list[tuple[str, str]], phashes: dict[str, str], max_distance: int, within: bool) -> list[Pair]:
-    """Pairs whose perceptual hashes differ by at most ``max_distance`` bits."""
-    hashed = [(s, p) for s, p in items if p in phashes]
+def near_pairs(items: list[tuple[str, str]], signatures: dict[str, str], rule: NearRule, within: bool) -> list[Pair]:
+    """Pairs whose signatures are close by ``rule``."""
+    hashed = [(s, p) for s, p in items if p in signatures]
     if len(hashed) < 2:
         return []
-    matrix = hash_matrix([phashes[p] for _, p in hashed])
+    matrix, thumbs = signature_arrays([signatures[p] for _, p in hashed])
     splits = np.array([SPLIT_ORDER.get(s, 9) for s, _ in hashed])
     pairs = []
     for start in range(0, len(hashed), CHUNK):
         block = matrix[start : start + CHUNK]
         dist = BITS[block[:, None, :] ^ matrix[None, :, :]].sum(-1, dtype=np.int32)
-        rows, cols = np.nonzero(dist <= max_distance)
+        rows, cols = np.nonzero(dist <= rule.max_hash_distance)
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             i = start + r
             if c <= i or (not within and splits[i] == splits[c]):
+                continue
+            colour = float(np.abs(thumbs[i] - thumbs[c]).mean())
+            if rule.max_colour_difference is not None and colour > rule.max_colour_difference:
                 continue
             (sa, pa), (sb, pb) = hashed[i], hashed[c]
             pairs.append(Pair("near", 1 - int(dist[r, c]) / 64, sa, pa, sb, pb))

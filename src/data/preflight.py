@@ -4,7 +4,7 @@
 - every image decoded once (parallel, cached by the file list): unreadable, truncated, zero-byte,
   non-image and decompression-bomb files;
 - the same bytes in two splits (train/val leakage), by SHA-256; near-duplicates (resized, re-encoded
-  copies) by a perceptual hash of the decoded image, computed in the same pass;
+  copies) by a signature of the decoded image (pHash and colour thumbnail), computed in the same pass;
 - hidden folders that ImageFolder would turn into classes, and symlinked folders that loop.
 """
 
@@ -32,8 +32,9 @@ from src.utils.io import atomic_write
 from src.utils.processes import die_with_parent
 
 log = logging.getLogger(__name__)
-FORMAT = 3  # cache layout: bump when what a scan records changes
+FORMAT = 4  # cache layout: bump when what a scan records changes
 HASH_SIDE = 256  # images are reduced to about this short side before hashing: large photos hash fast
+THUMB_SIDE = 8  # the colour thumbnail of a signature: 8 x 8 RGB
 
 
 def image_problem(path: str) -> str | None:
@@ -46,11 +47,11 @@ def image_problem(path: str) -> str | None:
 
 
 class Scan(NamedTuple):
-    """What a preflight scan found: {path: why unusable}, {path: SHA-256 of its bytes}, {path: pHash hex}."""
+    """What a preflight scan found: {path: why unusable}, {path: SHA-256 of its bytes}, {path: ``signature``}."""
 
     bad: dict[str, str]
     digests: dict[str, str]
-    phashes: dict[str, str]
+    signatures: dict[str, str]
 
 
 def decode_problem(data: bytes) -> str | None:
@@ -83,24 +84,22 @@ def decode(data: bytes) -> tuple[str | None, Image.Image | None]:
     return None, image
 
 
-def perceptual_hash(image: Image.Image) -> str:
-    """64-bit pHash (imagehash) as hex: a resized or re-encoded copy lands within a few bits of its source.
+def signature(image: Image.Image) -> str:
+    """What a near-duplicate looks like, as hex: a 64-bit pHash (imagehash: luminance structure) followed by
+    an 8x8 RGB thumbnail (colour), see src.data.duplicates.
 
     Measured on hymenoptera (396 photos): copies resized to 50-70 % and saved at JPEG quality 40-60 differ
-    by at most 2 bits; no two distinct photos by fewer than 14 (median 32).
+    by at most 2 pHash bits and 2.4/255 in the thumbnail; no two distinct photos by fewer than 14 bits.
     """
     factor = max(1, min(image.size) // HASH_SIDE)
-    return str(imagehash.phash(image.reduce(factor) if factor > 1 else image))
+    small = image.reduce(factor) if factor > 1 else image
+    return str(imagehash.phash(small)) + small.resize((THUMB_SIDE, THUMB_SIDE), Image.BOX).tobytes().hex()
 
 
-def hash_distance(a: str, b: str) -> int:
-    """Bits that differ between two ``perceptual_hash`` values."""
-    return (int(a, 16) ^ int(b, 16)).bit_count()
-
-
-def hash_matrix(hashes: list[str]) -> np.ndarray:
-    """The hashes as an N x 8 uint8 array, for vectorised Hamming distances."""
-    return np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes), dtype=np.uint8).reshape(len(hashes), -1)
+def signature_arrays(signatures: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N x 8 uint8 pHash bytes for vectorised Hamming distances, N x 192 float32 thumbnails)."""
+    raw = np.frombuffer(b"".join(bytes.fromhex(s) for s in signatures), dtype=np.uint8).reshape(len(signatures), -1)
+    return raw[:, :8], raw[:, 8:].astype(np.float32)
 
 
 def ignored_files(split_dir: str | os.PathLike, classes: list[str] | None = None) -> list[tuple[str, str]]:
@@ -155,17 +154,17 @@ def file_stamp(path: str) -> list[int]:
 
 
 def check_file(path: str) -> tuple[str | None, str | None, str | None]:
-    """(reason it is unusable or None, SHA-256 of its bytes or None when unreadable, pHash or None)."""
+    """(reason it is unusable or None, SHA-256 of its bytes or None when unreadable, signature or None)."""
     try:
         data = Path(path).read_bytes()  # read once: hashed here, decoded from memory
     except OSError as err:
         return f"unreadable: {type(err).__name__}: {err}", None, None
     problem, image = decode(data)
-    return problem, hashlib.sha256(data).hexdigest(), perceptual_hash(image) if image is not None else None
+    return problem, hashlib.sha256(data).hexdigest(), signature(image) if image is not None else None
 
 
 def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) -> Scan:
-    """Every unusable file (and why), SHA-256 and perceptual hash over ``paths``; parallel, cached by the file list.
+    """Every unusable file (and why), SHA-256 and ``signature`` over ``paths``; parallel, cached by the file list.
 
     What is not a regular file is listed without being opened. Worker processes die with this process
     (a kill -9 leaves none behind) and are stopped at once when it stops on an exception (SIGTERM too).
@@ -179,7 +178,7 @@ def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) ->
         try:
             data = json.loads(cache.read_text(encoding="utf-8", errors="surrogateescape"))
             if data.get("format") == FORMAT and data.get("count") == len(regular):
-                return Scan({**bad, **data["bad"]}, dict(data["digests"]), dict(data["phashes"]))
+                return Scan({**bad, **data["bad"]}, dict(data["digests"]), dict(data["signatures"]))
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: scan again
     if workers > 1 and len(regular) > 32:
@@ -190,14 +189,14 @@ def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) ->
         results = [check_file(p) for p in regular]
     found = {p: r for p, (r, _, _) in zip(regular, results, strict=True) if r is not None}
     digests = {p: d for p, (_, d, _) in zip(regular, results, strict=True) if d is not None}
-    phashes = {p: h for p, (_, _, h) in zip(regular, results, strict=True) if h is not None}
+    signatures = {p: h for p, (_, _, h) in zip(regular, results, strict=True) if h is not None}
     if cache is not None:
-        payload = {"format": FORMAT, "count": len(regular), "bad": found, "digests": digests, "phashes": phashes}
+        payload = {"format": FORMAT, "count": len(regular), "bad": found, "digests": digests, "signatures": signatures}
         try:
             atomic_write(cache, lambda f: json.dump(payload, f))
         except (OSError, UserError) as err:  # a cache that can't be written costs a rescan next time, no more
             log.warning("Preflight results not cached (%s); the next run scans again", err)
-    return Scan({**bad, **found}, digests, phashes)
+    return Scan({**bad, **found}, digests, signatures)
 
 
 def drop_samples(dataset: Any, bad: dict[str, str]) -> None:

@@ -190,7 +190,8 @@ def cached_features(
     subset: Dataset = Subset(dataset, missing)
     if view_seed is not None:
         subset = KeySeededItems(subset, [mix(*view_seed, int(keys[i][:15], 16)) for i in missing])
-    new, _ = embed_loader(loader_for(subset))
+    with torch.random.fork_rng(devices=[]):  # a cold cache must not shift the run's RNG (dropout, shuffling)
+        new, _ = embed_loader(loader_for(subset))  # (creating a loader draws its workers' base seed from it)
     seconds = time.perf_counter() - start
     if write:
         try:

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.feature_cache import cached_features, embed, feature_identity, feature_spec
-from src.data.audit import rank_label_issues, suspects_grid
+from src.data.audit import check_audit_config, rank_label_issues, suspects_grid
 from src.data.datamodule import format_counts
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
 from src.data.duplicates import feature_pairs, find_duplicates
@@ -32,6 +32,7 @@ from src.data.listing import ImageList, relative
 from src.models.backbones import normalization
 from src.models.classifier import check_model_config
 from src.utils.cli import report_user_errors
+from src.utils.errors import ConfigError
 from src.utils.io import write_csv, write_json
 
 log = logging.getLogger("src.audit")
@@ -43,6 +44,12 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     settings = OmegaConf.to_container(cfg.model, resolve=True)
     check_model_config(settings["backbone"], settings["head"], settings["optimizer"], settings.get("scheduler"))
+    a = cfg.audit
+    check_audit_config(a.folds, a.C, a.max_iter, a.near_cosine, a.grid_size)
+    unknown = sorted(set(a) - {"folds", "C", "max_iter", "near_cosine", "grid_size"})
+    if unknown:
+        raise ConfigError(f"audit takes folds, C, max_iter, near_cosine and grid_size; not {', '.join(unknown)}.")
+    seed = 0 if cfg.get("seed") is None else int(cfg.seed)
     start = time.perf_counter()
     mean, std = normalization(cfg.model.backbone.name)
     dm = instantiate(cfg.data, mean=cfg.data.get("mean") or list(mean), std=cfg.data.get("std") or list(std))
@@ -69,8 +76,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     log.info("Features of %d images: %d embedded in %.1f s, the rest from the cache", len(labels), embedded, embed_s)
 
     rank_start = time.perf_counter()
-    a = cfg.audit
-    ranking = rank_label_issues(feats, labels, int(a.folds), int(cfg.seed), float(a.C), int(a.max_iter))
+    ranking = rank_label_issues(feats, labels, a.folds, seed, float(a.C), a.max_iter)
     order = ranking.quality.argsort(kind="stable")
     rows = [
         (

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from src.data.datamodule import default_num_workers
 from src.data.images import RGBLoader
 from src.data.listing import ImageList, folder_samples
-from src.data.preflight import drop_samples, ignored_files, scan
+from src.data.preflight import Scan, drop_samples, ignored_files, scan
 from src.inference.checkpoint import load_trained
 from src.inference.evaluate import evaluate_split, write_reports
 from src.utils.cli import pick_device, report_user_errors
@@ -43,13 +43,15 @@ def main(cfg: DictConfig) -> float:
     held = trained.held_out or {}
     split = cfg.split or ("test" if "test" in held else "val")
     same_data = trained_root is not None and root.resolve() == Path(trained_root).resolve()
-    moved = split in held and all((root / rel).exists() for rel, _ in held[split])  # the same files elsewhere
+    moved = bool(held.get(split)) and all((root / row.path).is_file() for row in held[split])  # elsewhere now
+    expected: dict[str, str] = {}  # path -> SHA-256 the run saw
     if held and (same_data or moved):
         # the run's own held-out images, as its checkpoint recorded them: exact whatever the layout
-        if split not in held:
+        if not held.get(split):
             raise DatasetError(f"The checkpoint's run held out no {split} images (it has: {sorted(held)}).")
         index = {c: i for i, c in enumerate(classes)}
-        samples = [(str(root / rel), index[label]) for rel, label in held[split]]
+        samples = [(str(root / row.path), index[row.label]) for row in held[split]]
+        expected = {str(root / row.path): row.sha256 for row in held[split] if row.sha256}
         dataset = ImageList(str(root), samples, classes, trained.transform, loader)
         ignored: list[tuple[str, str]] = []
         log.info("Evaluating the %d %s images the checkpoint's run held out of %s", len(samples), split, root)
@@ -57,7 +59,10 @@ def main(cfg: DictConfig) -> float:
         split = cfg.split or ("test" if (root / "test").is_dir() else "val")  # another dataset's own folders
         folder = root / split
         if not folder.is_dir():
-            raise DatasetError(f"{folder} does not exist: choose split=val or split=test.")
+            raise DatasetError(
+                f"{folder} does not exist: {root} holds neither the images this checkpoint's run held out nor a "
+                f"{split}/ folder of class folders. Choose split=val or split=test, or point data.root at them."
+            )
         found, samples = folder_samples(folder)
         if found != classes:
             raise DatasetError(f"{folder} has classes {found}; the checkpoint was trained on {classes}.")
@@ -65,7 +70,16 @@ def main(cfg: DictConfig) -> float:
         ignored = ignored_files(folder)
     workers = default_num_workers() if cfg.data.num_workers is None else int(cfg.data.num_workers)
     out_dir = Path(cfg.paths.output_dir)
-    skip_unusable(dataset, split, max(1, workers), cfg.data.preflight_cache_dir, out_dir, ignored)
+    result = skip_unusable(
+        dataset, split, max(1, workers), cfg.data.preflight_cache_dir, out_dir, ignored, cfg.data.max_bad_fraction
+    )
+    changed = [p for p, sha in expected.items() if result.digests.get(p, sha) != sha]
+    if changed:
+        listing = "\n".join(f"  {p}" for p in changed[:20])
+        raise DatasetError(
+            f"{len(changed)} of the held-out images differ from the files the checkpoint's run held out (other "
+            f"content under the same name): its scores would not be that run's.\n{listing}"
+        )
     model = trained.model
     metrics, log_probs, labels = evaluate_split(model, dataset, classes, cfg.data.batch_size, workers, device)
     metrics.update(checkpoint=str(cfg.ckpt_path), data_root=str(root), split=split)
@@ -75,21 +89,33 @@ def main(cfg: DictConfig) -> float:
 
 
 def skip_unusable(
-    dataset: ImageList, split: str, workers: int, cache_dir: str | None, out_dir: Path, ignored: list[tuple[str, str]]
-) -> None:
+    dataset: ImageList,
+    split: str,
+    workers: int,
+    cache_dir: str | None,
+    out_dir: Path,
+    ignored: list[tuple[str, str]],
+    max_bad_fraction: float,
+) -> Scan:
     """Leave out the files training would skip (the same preflight), listed in skipped_files.csv with the
-    ``ignored`` (path, reason) ones."""
+    ``ignored`` (path, reason) ones; stop when more than ``max_bad_fraction`` of them are unusable."""
     paths = [p for p, _ in dataset.samples]
-    bad = scan(paths, workers, cache_dir).bad
+    result = scan(paths, workers, cache_dir)
+    bad = result.bad
     rows = [(split, p, why) for p, why in ignored] + [(split, p, bad[p]) for p in paths if p in bad]
     write_csv(out_dir / "skipped_files.csv", ["split", "path", "reason"], rows)
     if not bad:
-        return
-    drop_samples(dataset, bad)
+        return result
     listing = "\n".join(f"  {p}: {r}" for p, r in list(bad.items())[:20])
+    if len(bad) > max_bad_fraction * len(paths):
+        raise DatasetError(
+            f"{len(bad)} of {len(paths)} {split} images are unusable, above data.max_bad_fraction="
+            f"{max_bad_fraction:.0%}: scores on the rest would not be the split's (listed in skipped_files.csv):\n"
+            f"{listing}"
+        )
+    drop_samples(dataset, bad)
     log.warning("Skipping %d unusable image files (listed in skipped_files.csv):\n%s", len(bad), listing)
-    if not dataset.samples:
-        raise DatasetError(f"No usable image in {split}: every file was skipped.")
+    return result
 
 
 if __name__ == "__main__":

@@ -54,9 +54,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # before any data work: a typo costs seconds
     model_settings = OmegaConf.to_container(cfg.model, resolve=True)
     check_model_config(
-        model_settings["backbone"], model_settings["head"], model_settings["optimizer"], model_settings.get("scheduler")
+        model_settings["backbone"],
+        model_settings["head"],
+        model_settings["optimizer"],
+        model_settings.get("scheduler"),
+        model_settings.get("loss"),
     )
     check_trainer_settings(cfg.trainer)
+    check_monitor(cfg.get("callbacks"))
     eval_transforms = encode_eval_transforms(OmegaConf.to_container(cfg.data.eval_transforms, resolve=True))
     resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
     if cfg.get("seed") is not None:
@@ -133,6 +138,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     return summary
+
+
+MONITORED = {  # what the model logs each epoch, and which way is better
+    "val/loss": "min",
+    "val/acc": "max",
+    "val/macro_f1": "max",
+    "val/balanced_acc": "max",
+    "train/loss": "min",
+    "train/acc": "max",
+}
+
+
+def check_monitor(callbacks: Any) -> None:
+    """Before any data work: the checkpoint's and early stopping's monitor must be a logged metric, watched
+    the right way (macro-F1 with mode=min would keep the worst epoch)."""
+    for name in ("model_checkpoint", "early_stopping"):
+        settings = (callbacks or {}).get(name)
+        if not settings or settings.get("monitor") is None:
+            continue
+        monitor, mode = settings.get("monitor"), settings.get("mode", "min")
+        if monitor not in MONITORED:
+            raise ConfigError(
+                f"callbacks.{name}.monitor={monitor!r} is not a metric the model logs; choose one of "
+                f"{', '.join(MONITORED)}."
+            )
+        if mode != MONITORED[monitor]:
+            raise ConfigError(
+                f"callbacks.{name}.monitor={monitor} is {'higher' if MONITORED[monitor] == 'max' else 'lower'} "
+                f"is better: set callbacks.{name}.mode={MONITORED[monitor]} (it is {mode})."
+            )
 
 
 def check_launch(trainer: L.Trainer) -> None:

@@ -47,7 +47,7 @@ def test_ddp_cpu_matches_one_process_writes_one_set_of_outputs_and_resumes_after
     assert [p.relative_to(ddp) for p in ddp.rglob("summary.json")] == [Path("summary.json")]
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["epoch_002.ckpt", "last.ckpt"]
     assert len(list((ddp / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in ddp.glob("*.csv")) == ["duplicates.csv", "skipped_files.csv"]
+    assert sorted(p.name for p in ddp.glob("*.csv")) == ["duplicates.csv", "skipped_files.csv", "split.csv"]
     log = (ddp / "train.log").read_text()
     # built once by rank zero, read by rank 1 (whose log lines land in the same train.log)
     assert log.count("Embedded val") == 1 and log.count("Embedded train view 0") == 1

@@ -313,3 +313,89 @@ def test_label_issues_rank_planted_wrong_labels_first():
     top = set(ranking.quality.argsort()[:5].tolist())
     assert top == set(planted)
     assert (ranking.suggested[planted] == labels[planted]).all() and ranking.flagged[planted].all()
+
+
+# ------------------------------------------------------------------------------------ careless-user inputs
+
+
+def test_label_file_encoding_folders_and_split_conflicts_are_named(tmp_path):
+    root = tmp_path / "csvdata"
+    (root / "img" / "sub").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(root / "img" / f"{i}.png")
+    (root / "labels.csv").write_bytes("path,label\nimg/0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="is not UTF-8 text .* save it as CSV UTF-8"):
+        datamodule(root, labels="labels.csv").setup("fit")
+    write_labels(
+        root,
+        [["img/sub", "ants", "train"], ["img/0.png", "ants", "train"], ["img/0.png", "ants", "val"]],
+        header=("path", "label", "split"),
+    )
+    with pytest.raises(DatasetError, match=r"(?s)line 2: img/sub: a folder.*listed twice with different splits"):
+        datamodule(root, labels="labels.csv").setup("fit")
+    with pytest.raises(DatasetError, match="is a folder, not a CSV file"):
+        datamodule(root, labels="img").setup("fit")
+
+
+def test_split_settings_that_would_be_ignored_are_refused(tmp_path):
+    root = flat_folder(tmp_path / "flat", {"ants": 6, "bees": 6})
+    with pytest.raises(ConfigError, match="data.split.fold=2 needs data.split.folds"):
+        datamodule(root, split={"fold": 2})
+    with pytest.raises(ConfigError, match="data.split.seed must be a whole number"):
+        datamodule(root, split={"seed": "abc"})
+    with pytest.raises(ConfigError, match="data.split takes seed, val, test, folds and fold; not vals"):
+        datamodule(root, split={"vals": 0.3})
+
+
+def test_classes_left_without_training_images_stop_the_run(tmp_path):
+    root = flat_folder(tmp_path / "flat", {"ants": 8, "bees": 8, "wasps": 1})
+    with pytest.raises(DatasetError, match=r"no training image: \['wasps'\] \(fewer images than data.split.folds=3"):
+        datamodule(root, split={"folds": 3, "fold": 1}).setup("fit")
+    for f in (root / "wasps").iterdir():
+        f.write_bytes(b"")  # every wasp unusable
+    with pytest.raises(DatasetError, match=r"no training image: \['wasps'\] \(every one of their files was unusable"):
+        datamodule(root, max_bad_fraction=0.5).setup("fit")
+
+
+def test_a_run_folder_kept_in_the_data_is_not_a_class(tmp_path):
+    root = flat_folder(tmp_path / "flat", {"ants": 5, "bees": 5})
+    (root / "audit_out" / ".hydra").mkdir(parents=True)
+    photo(0).save(root / "audit_out" / "label_issues.png")
+    dm = datamodule(root)
+    dm.setup("fit")
+    assert dm.classes == ["ants", "bees"]
+
+
+def test_class_weights_are_not_part_of_the_weights():
+    model = TransferClassifier(
+        ["a", "b"],
+        {"name": "resnet18", "weights": None},
+        {"hidden_dim": 8, "dropout": 0.0},
+        {"name": "SGD", "lr": 0.1},
+        loss={"class_weights": [1.0, 3.0]},
+    )
+    assert "criterion.weight" not in model.state_dict()  # a resume may change them
+    assert torch.equal(model.criterion.weight, torch.tensor([1.0, 3.0]))
+
+
+def test_held_out_records_must_stay_plain_and_inside_the_root():
+    from src.inference.checkpoint import held_out_row
+
+    good = ["ants/a.jpg", "ants", "0" * 64]
+    assert held_out_row(good, ["ants"]) and held_out_row(["ants/a.jpg", "ants", ""], ["ants"])
+    for bad in ("", ".", "./", "/etc/x.jpg", "../x.jpg", "a/../../x.jpg", "a\0b.jpg"):
+        assert not held_out_row([bad, "ants", ""], ["ants"]), bad
+    assert not held_out_row(["a.jpg", "wasps", ""], ["ants"]) and not held_out_row(["a.jpg", "ants", "xyz"], ["ants"])
+
+
+def test_audit_settings_are_checked():
+    from src.data.audit import check_audit_config
+
+    check_audit_config(5, 0.1, 100, 0.8, 16)
+    for args, message in [
+        ((1, 0.1, 100, 0.8, 16), "audit.folds must be a whole number of at least 2"),
+        ((5, -1, 100, 0.8, 16), "audit.C must be a positive number"),
+        ((5, 0.1, 100, "abc", 16), r"audit.near_cosine must be a cosine in \[-1, 1\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_audit_config(*args)

@@ -77,11 +77,39 @@ def test_the_checkpoint_records_the_held_out_images_and_eval_uses_them(flat_run,
     data, out, summary = flat_run
     held = load_trained(summary["best_checkpoint"]).held_out
     val_rows = sorted((r["path"], r["label"]) for r in read_csv(out / "split.csv") if r["split"] == "val")
-    assert sorted(held["val"]) == val_rows and "test" not in held
+    assert sorted((h.path, h.label) for h in held["val"]) == val_rows and "test" not in held
+    assert all(len(h.sha256) == 64 for h in held["val"])
     eval_out = tmp_path / "eval"
     accuracy = eval_main(compose_cfg("eval", eval_out, f"ckpt_path={summary['best_checkpoint']}"))
     metrics = json.loads((eval_out / "metrics.json").read_text())
     assert metrics["samples"] == 6 and metrics["split"] == "val" and metrics["accuracy"] == accuracy
+
+
+def test_eval_finds_the_held_out_images_moved_and_refuses_changed_ones(flat_run, tmp_path):
+    from src.eval import main as eval_main
+    from src.utils.errors import DatasetError
+
+    data, out, summary = flat_run
+    copy = tmp_path / "moved"
+    shutil.copytree(data, copy)
+    ckpt = f"ckpt_path={summary['best_checkpoint']}"
+    eval_main(compose_cfg("eval", tmp_path / "e1", ckpt, f"data.root={copy}"))
+    assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["samples"] == 6
+    val = next(r["path"] for r in read_csv(out / "split.csv") if r["split"] == "val")
+    shutil.copy(next(p for p in sorted(copy.rglob("*.png")) if p.relative_to(copy).as_posix() != val), copy / val)
+    with pytest.raises(DatasetError, match=r"1 of the held-out images differ"):
+        eval_main.__wrapped__.__wrapped__(compose_cfg("eval", tmp_path / "e2", ckpt, f"data.root={copy}"))  # raw
+
+
+def test_monitor_settings_are_checked_before_any_data_work(tmp_path):
+    from src.train import train
+    from src.utils.errors import ConfigError
+
+    base = ["experiment=lite0_fe", f"data.root={tmp_path / 'nowhere'}"]
+    with pytest.raises(ConfigError, match="monitor=val/macro_f1 is higher is better: set .*mode=max"):
+        train(compose_cfg("train", tmp_path / "r1", *base, "callbacks.model_checkpoint.monitor=val/macro_f1"))
+    with pytest.raises(ConfigError, match="'val/macro-f1' is not a metric the model logs"):
+        train(compose_cfg("train", tmp_path / "r2", *base, "callbacks.model_checkpoint.monitor=val/macro-f1"))
 
 
 def test_a_label_file_gives_the_same_kind_of_run(tmp_path):

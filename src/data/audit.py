@@ -16,8 +16,23 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from src.data.images import load_rgb
+from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def check_audit_config(folds: object, c: object, max_iter: object, near_cosine: object, grid_size: object) -> None:
+    """The audit's settings, checked before any image is read."""
+    whole = {"audit.folds": (folds, 2), "audit.max_iter": (max_iter, 1), "audit.grid_size": (grid_size, 0)}
+    for key, (value, least) in whole.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key} must be a whole number of at least {least}, got {value!r}.")
+    if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < float("inf"):
+        raise ConfigError(f"audit.C must be a positive number, got {c!r}.")
+    if near_cosine is not None and (
+        isinstance(near_cosine, bool) or not isinstance(near_cosine, int | float) or not -1 <= near_cosine <= 1
+    ):
+        raise ConfigError(f"audit.near_cosine must be a cosine in [-1, 1] or null, got {near_cosine!r}.")
 
 
 @dataclass
@@ -49,14 +64,20 @@ def rank_label_issues(
     k = max(2, min(folds, smallest))
     if k != folds:
         log.warning(
-            "The smallest class has %d images: %d folds instead of %d for the label ranking", smallest, k, folds
+            "The smallest class has %d image(s): %d folds instead of audit.folds=%d (stratified folds need that "
+            "many images per class)%s",
+            smallest,
+            k,
+            folds,
+            "; its images are scored by heads that never saw their class" if smallest < 2 else "",
         )
     head = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     probs = cross_val_predict(head, x, y, cv=cv, method="predict_proba")
     quality = get_label_quality_scores(y, probs)
     flagged = np.zeros(len(y), dtype=bool)
-    flagged[find_label_issues(y, probs, return_indices_ranked_by="self_confidence")] = True
+    # n_jobs=1: cleanlab's own process pool, forked inside a process with torch's threads, was seen to hang
+    flagged[find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)] = True
     suggested = probs.argmax(1)
     return LabelRanking(quality, suggested, flagged, float((suggested == y).mean()), k)
 

@@ -19,7 +19,7 @@ from torchvision import transforms as T
 
 from src.data.duplicates import NearRule, Pair, find_duplicates
 from src.data.images import RGBLoader
-from src.data.listing import ImageList, SplitOptions, class_counts, list_images, split_rows
+from src.data.listing import ImageList, SplitOptions, class_counts, list_images, relative, split_rows
 from src.data.preflight import drop_samples, scan
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
@@ -153,10 +153,28 @@ class ImageFolderDataModule(LightningDataModule):
         self.classes = list(listing.classes)
         self.class_counts = class_counts(self.datasets)
         log.info("Dataset %s: %d classes\n%s", self.root, len(self.classes), format_counts(self.class_counts))
+        self.check_usable()
         self.warn_imbalance()
         missing = [c for c, n in self.class_counts["val"].items() if n == 0]
         if missing:
             log.warning("No validation image for classes %s: their scores are not measured.", missing)
+
+    def check_usable(self) -> None:
+        """Once unusable files are dropped: every class has training images and val has some."""
+        untrained = [c for c, n in self.class_counts["train"].items() if n == 0]
+        if untrained:
+            folds = self.split_options.folds
+            why = (
+                f"fewer images than data.split.folds={folds} leaves a fold with none to train on"
+                if folds
+                else "every one of their files was unusable or held out"
+            )
+            raise DatasetError(
+                f"Classes with no training image: {untrained} ({why}). Add images, fix the files listed above, "
+                "or leave these classes out; nothing was trained."
+            )
+        if not any(self.class_counts["val"].values()):
+            raise DatasetError("No usable validation image (every val file was unusable); nothing was trained.")
 
     def warn_imbalance(self) -> None:
         """Say so when the largest training class has more than ``imbalance_warn_ratio`` times the smallest."""
@@ -191,13 +209,14 @@ class ImageFolderDataModule(LightningDataModule):
         return 1.0 / counts[targets].double()
 
     def state_dict(self) -> dict[str, Any]:
-        """The held-out images (path under root, label) of this run, kept in its checkpoints: src.eval
-        evaluates exactly these, whatever the folder holds later."""
-        rows = self.split_rows()
-        return {
-            "layout": self.layout,
-            "held_out": {s: [[p, c] for p, c, g in rows if g == s] for s in ("val", "test") if s in self.datasets},
+        """The held-out images (path under root, label, SHA-256) of this run, kept in its checkpoints: src.eval
+        evaluates exactly these, and refuses files whose content changed since."""
+        held = {
+            split: sorted([relative(self.root, p), self.classes[c], self.digests.get(p, "")] for p, c in ds.samples)
+            for split, ds in self.datasets.items()
+            if split != "train"
         }
+        return {"layout": self.layout, "held_out": held}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the split comes from the data and config (a resume checks the data itself)."""

@@ -53,6 +53,12 @@ class SplitOptions:
     fold: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(
+                f"data.split.seed must be a whole number (null: the run's seed, or 0), got {self.seed!r}."
+            )
+        if self.folds is None and self.fold != 0:
+            raise ConfigError(f"data.split.fold={self.fold!r} needs data.split.folds (the number of folds), e.g. 5.")
         for key in ("val", "test"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
@@ -189,10 +195,11 @@ def list_class_folders(root: Path, options: SplitOptions) -> Listing:
     image (a run's ``checkpoints/`` written beside the data) are not classes: they are named in the log."""
     check_folder_tree(root, [])
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    classes = [f for f in folders if not f.startswith(".") and holds_images(root / f)]
+    runs = [f for f in folders if (root / f / ".hydra").is_dir()]  # a run's output folder kept in the data
+    classes = [f for f in folders if not f.startswith(".") and f not in runs and holds_images(root / f)]
     passed = [f for f in folders if f not in classes]
     if passed:
-        log.info("Not classes (hidden, or no image inside): %s", ", ".join(f"{f}/" for f in passed))
+        log.info("Not classes (hidden, run folders, or no image inside): %s", ", ".join(f"{f}/" for f in passed))
     if not classes:
         raise DatasetError(f"{root} has no class folder with images. {LAYOUTS}")
     pool = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
@@ -270,11 +277,19 @@ def list_label_file(root: Path, labels: str, options: SplitOptions) -> Listing:
     path = Path(labels).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise DatasetError(f"data.labels: {path} does not exist (a path relative to data.root, or absolute).")
-    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark from Excel is no column
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+        what = "is a folder, not a CSV file" if path.is_dir() else "does not exist"
+        raise DatasetError(f"data.labels: {path} {what} (a path relative to data.root, or absolute).")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's byte-order mark is no column
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as CSV UTF-8."
+        ) from None
+    except csv.Error as err:
+        raise DatasetError(f"{path} line {reader.line_num}: not a readable CSV row ({err}).") from None
     unknown = [h for h in header if h not in LABEL_COLUMNS]
     missing = [h for h in ("path", "label") if h not in header]
     if unknown or missing or len(set(header)) != len(header):
@@ -303,16 +318,22 @@ def list_label_file(root: Path, labels: str, options: SplitOptions) -> Listing:
             rel = os.path.normpath(rel)
             if rel in entries and entries[rel][1:] != (label, split):
                 first = entries[rel]
+                what = "labels" if first[1] != label else "splits"
+                before, now = (first[1], label) if what == "labels" else (first[2], split)
                 problems.append(
-                    f"line {line}: {rel} is listed twice with different labels: {first[1]!r} (line {first[0]}) "
-                    f"and {label!r}" + (f" / splits {first[2]} and {split}" if first[2] != split else "")
+                    f"line {line}: {rel} is listed twice with different {what}: {before!r} (line {first[0]}) "
+                    f"and {now!r}"
                 )
             elif rel not in entries:
                 entries[rel] = (line, label, split)
-    problems += [
-        f"line {line}: {rel}: no such file" for rel, (line, _, _) in entries.items() if not (root / rel).exists()
-    ]
+    for rel, (line, _, _) in entries.items():
+        where = root / rel
+        if where.is_dir():
+            problems.append(f"line {line}: {rel}: a folder, not an image file")
+        elif not where.exists():
+            problems.append(f"line {line}: {rel}: no such file" + (" (a dangling link)" if where.is_symlink() else ""))
     if problems:
+        problems.sort(key=lambda p: int(p.split(":")[0].split()[1]))  # "line N: ...", in file order
         listing = "\n".join(f"  {p}" for p in problems[:30])
         more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
         raise DatasetError(f"{path} has {len(problems)} problem rows; nothing was trained:\n{listing}{more}")

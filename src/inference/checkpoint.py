@@ -12,7 +12,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torchvision import transforms as T
@@ -27,6 +27,14 @@ class UnsafeCheckpointError(UserError):
     """The checkpoint holds something other than tensors and plain values."""
 
 
+class HeldOut(NamedTuple):
+    """An image a run held out: its path under the data root, its label, the SHA-256 of the file."""
+
+    path: str
+    label: str
+    sha256: str
+
+
 @dataclass
 class TrainedModel:
     """A checkpoint's model (eval mode, on its device) and what using it needs."""
@@ -34,7 +42,7 @@ class TrainedModel:
     model: TransferClassifier
     hparams: dict[str, Any]
     transform: T.Compose  # the checkpoint's deterministic preprocessing
-    held_out: dict[str, list[tuple[str, str]]] | None = None  # split -> (path under data root, label) of its run
+    held_out: dict[str, list[HeldOut]] | None = None  # split -> the images its run held out
 
     @property
     def classes(self) -> list[str]:
@@ -152,26 +160,38 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 DATAMODULE_STATE = "ImageFolderDataModule"  # Lightning stores a datamodule's state_dict under its class name
 
 
-def held_out_images(ckpt: dict[str, Any], classes: list[str], path: Path) -> dict[str, list[tuple[str, str]]] | None:
-    """The val/test images (path under the data root, label) its run held out, checked to be plain and
-    inside the root; None for checkpoints written before runs recorded them."""
+def held_out_images(ckpt: dict[str, Any], classes: list[str], path: Path) -> dict[str, list[HeldOut]] | None:
+    """The val/test images (path under the data root, label, SHA-256 of the file) its run held out, checked
+    to be plain and inside the root; None for checkpoints written before runs recorded them."""
     state = ckpt.get(DATAMODULE_STATE)
     if state is None:
         return None
     held = state.get("held_out") if isinstance(state, dict) else None
     if not isinstance(held, dict):
         raise UserError(f"{path}: its record of held-out images is malformed.")
-    out: dict[str, list[tuple[str, str]]] = {}
+    out: dict[str, list[HeldOut]] = {}
     for split, rows in held.items():
-        ok = split in ("val", "test") and isinstance(rows, list)
-        ok = ok and all(
-            isinstance(r, list | tuple) and len(r) == 2 and all(isinstance(x, str) for x in r) and r[1] in classes
-            for r in rows
-        )
-        if not ok or any(os.path.isabs(r[0]) or os.path.normpath(r[0]).split(os.sep)[0] == ".." for r in rows):
+        ok = split in ("val", "test") and isinstance(rows, list) and all(held_out_row(r, classes) for r in rows)
+        if not ok:
             raise UserError(f"{path}: its record of held-out {split} images is malformed.")
-        out[split] = [(r[0], r[1]) for r in rows]
+        out[split] = [HeldOut(*r) for r in rows]
     return out
+
+
+def held_out_row(row: Any, classes: list[str]) -> bool:
+    """[relative path, label, SHA-256 hex or ""]: a path that stays under the root, a known label."""
+    if not (isinstance(row, list | tuple) and len(row) == 3 and all(isinstance(x, str) for x in row)):
+        return False
+    rel, label, digest = row
+    parts = os.path.normpath(rel).split(os.sep) if rel else []
+    return (
+        bool(parts)
+        and "\0" not in rel
+        and not os.path.isabs(rel)
+        and parts[0] not in ("..", ".")
+        and label in classes
+        and (digest == "" or (len(digest) == 64 and all(ch in "0123456789abcdef" for ch in digest)))
+    )
 
 
 def rebuild(ckpt: dict[str, Any], hp: dict[str, Any]) -> tuple[TransferClassifier, dict[str, Any]]:

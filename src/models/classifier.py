@@ -59,8 +59,11 @@ class TransferClassifier(LightningModule):
         self.channels_last = bool(backbone.get("channels_last", False))
         self.backbone = built.module.to(memory_format=torch.channels_last) if self.channels_last else built.module
         self.head = build_head(built.feature_dim, len(class_names), **head)
-        # the seed's NLLLoss; with class weights each sample counts by its class's weight (a weighted mean)
-        self.criterion = nn.NLLLoss(weight=None if weights is None else torch.tensor(weights))
+        # the seed's NLLLoss; with class weights each sample counts by its class's weight (a weighted mean).
+        # The weights come from the config, not the checkpoint (a non-persistent buffer): a resume may change them
+        self.criterion = nn.NLLLoss()
+        if weights is not None:
+            self.criterion.register_buffer("weight", torch.tensor(weights), persistent=False)
         self.mean, self.std = built.mean, built.std
         self.weights_sha256 = built.weights_sha256
         # stages whose batches are precomputed backbone features, not images (set by the FeatureCache)
@@ -244,7 +247,11 @@ class TransferClassifier(LightningModule):
 
 
 def check_model_config(
-    backbone: dict[str, Any], head: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None
+    backbone: dict[str, Any],
+    head: dict[str, Any],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any] | None = None,
+    loss: dict[str, Any] | None = None,
 ) -> None:
     """Raise ConfigError on the first bad model setting (backbone name, head, optimizer, schedule).
 
@@ -252,29 +259,35 @@ def check_model_config(
     """
     check_backbone_name(backbone.get("name"))
     check_head(head.get("hidden_dim", 256), head.get("dropout", 0.0))
+    if loss is not None:
+        check_class_weights(loss.get("class_weights"), None)
     check_optimizer(optimizer)
     name = (scheduler or {}).get("name")
     check_schedule(name, (scheduler or {}).get(name) if name not in (None, "none") else None)
 
 
-def check_class_weights(weights: Any, num_classes: int) -> list[float] | None:
-    """model.loss.class_weights as a list of positive finite floats, one per class (None: unweighted)."""
-    if weights is None:
+def check_class_weights(weights: Any, num_classes: int | None) -> list[float] | None:
+    """model.loss.class_weights as a list of positive finite floats, one per class (None: unweighted).
+
+    ``num_classes`` None (before the data is listed): ``auto`` passes and a list's length is not checked.
+    """
+    if weights is None or (weights == "auto" and num_classes is None):
         return None
-    if isinstance(weights, str):
+    expected = (
+        "a list of positive numbers, one per class in class order"
+        if num_classes is None
+        else (f"{num_classes} positive numbers (one per class, in class order)")
+    )
+    if weights == "auto":
         raise ConfigError(
-            f"model.loss.class_weights={weights!r} must be resolved to numbers before the model is built "
-            "(src.train turns auto into inverse class frequencies); pass null, auto or a list."
+            "model.loss.class_weights=auto must be turned into numbers before the model is built (src.train does)."
         )
     values = list(weights) if isinstance(weights, list | tuple) else None
     ok = values is not None and all(
         not isinstance(w, bool) and isinstance(w, int | float) and 0 < w < math.inf for w in values
     )
-    if not ok or len(values) != num_classes:
-        raise ConfigError(
-            f"model.loss.class_weights must be null, auto, or {num_classes} positive numbers (one per class, "
-            f"in class order), got {weights!r}."
-        )
+    if not ok or (num_classes is not None and len(values) != num_classes):
+        raise ConfigError(f"model.loss.class_weights must be null, auto, or {expected}; got {weights!r}.")
     return [float(w) for w in values]
 
 

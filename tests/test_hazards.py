@@ -197,3 +197,29 @@ def test_the_generated_synthetic_set_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "shapes").stat().st_mode & 0o777 == 0o775
+
+
+def _idle_worker() -> None:
+    from src.utils.processes import start_worker
+
+    start_worker()
+    time.sleep(60)
+
+
+def test_a_worker_takes_sigterm_even_when_its_parent_only_notes_it():
+    """Pool.terminate (the end of every ``with Pool()``) must end a worker blocked on the task queue: a
+    worker that inherited a handler which only notes SIGTERM kept the preflight's parent in join forever."""
+    import multiprocessing
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # like a handler that defers to Lightning
+    try:
+        worker = multiprocessing.get_context("fork").Process(target=_idle_worker)
+        worker.start()
+        time.sleep(1.0)  # past start_worker
+        worker.terminate()
+        worker.join(timeout=10)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if worker.is_alive():
+            worker.kill()

@@ -24,7 +24,7 @@ from src.data.preflight import drop_samples, scan
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
-from src.utils.processes import die_with_parent
+from src.utils.processes import start_worker
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ class WorkerInit:
         self.rank = rank
 
     def __call__(self, worker_id: int) -> None:
-        die_with_parent()
+        start_worker()
         if self.rank is not None and os.environ.get("PL_SEED_WORKERS") == "1":
             pl_worker_init_function(worker_id, rank=self.rank)
 

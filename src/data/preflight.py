@@ -29,7 +29,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from src.data.images import load_rgb
 from src.utils.errors import UserError
 from src.utils.io import atomic_write
-from src.utils.processes import die_with_parent
+from src.utils.processes import start_worker
 
 log = logging.getLogger(__name__)
 FORMAT = 4  # cache layout: bump when what a scan records changes
@@ -183,7 +183,7 @@ def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) ->
             pass  # unreadable cache: scan again
     if workers > 1 and len(regular) > 32:
         chunksize = max(1, len(regular) // (workers * 8))
-        with multiprocessing.Pool(workers, initializer=die_with_parent) as pool:  # leaving it terminates them
+        with multiprocessing.Pool(workers, initializer=start_worker) as pool:  # leaving it terminates them
             results = list(pool.imap(check_file, regular, chunksize=chunksize))
     else:
         results = [check_file(p) for p in regular]

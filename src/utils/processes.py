@@ -32,6 +32,15 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def start_worker() -> None:
+    """First act of a worker process (a pool's or a DataLoader's): die with its parent, and take SIGTERM the
+    default way. A forked worker inherits the parent's Python SIGTERM handler, which may only note the signal:
+    then ``Pool.terminate`` (the end of every ``with Pool()``) could never end a worker blocked on the task
+    queue whose lock the parent holds, and the parent waited in ``join`` forever (seen in the preflight)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+
+
 def _raise_sigterm(signum: int, frame: FrameType | None) -> None:
     """SIGTERM outside training: stop where the program stands, through the usual exception path.
 

@@ -43,9 +43,12 @@ def main(cfg: DictConfig) -> float:
     held = trained.held_out or {}
     split = cfg.split or ("test" if "test" in held else "val")
     same_data = trained_root is not None and root.resolve() == Path(trained_root).resolve()
-    moved = bool(held.get(split)) and all((root / row.path).is_file() for row in held[split])  # elsewhere now
+    # another root is evaluated by its own val/ or test/ folder when it has one (as always); without one, it
+    # may be the run's data moved elsewhere: the held-out images, found by path and checked by hash below
+    own_folder = (root / (cfg.split or ("test" if (root / "test").is_dir() else "val"))).is_dir()
+    moved = bool(held.get(split)) and all((root / row.path).is_file() for row in held[split])
     expected: dict[str, str] = {}  # path -> SHA-256 the run saw
-    if held and (same_data or moved):
+    if held and (same_data or (moved and not own_folder)):
         # the run's own held-out images, as its checkpoint recorded them: exact whatever the layout
         if not held.get(split):
             raise DatasetError(f"The checkpoint's run held out no {split} images (it has: {sorted(held)}).")

@@ -135,10 +135,6 @@ class ImageFolderDataModule(LightningDataModule):
         if self.prepare is not None:
             self.prepare(self.root)
 
-    def split_dir(self, split: str) -> Path:
-        """Folder of a split (``train``, ``val``, ``test``) in the split-folder layout."""
-        return self.root / self.splits[split]
-
     def setup(self, stage: str | None = None) -> None:
         """List the images (any layout), split what is unsplit, preflight them, and build the datasets."""
         if self.datasets:

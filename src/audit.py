@@ -32,11 +32,11 @@ from src.data.listing import ImageList, relative
 from src.models.backbones import normalization
 from src.models.classifier import check_model_config
 from src.utils.cli import report_user_errors
+from src.utils.config import module_config
 from src.utils.errors import ConfigError
 from src.utils.io import write_csv, write_json
 
 log = logging.getLogger("src.audit")
-MODEL_CALLBACKS = ("finetune", "cache")
 
 
 def audit(cfg: DictConfig) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
 
     # every image once, eval transform: the same cache rows as training's validation features
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False)
-    model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
+    model_cfg = module_config(cfg.model)
     model = instantiate(model_cfg, class_names=dm.classes, _convert_="all")
     model = model.to(trainer.strategy.root_device).eval()
     identity = feature_identity(model, str(trainer.precision))

@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> float:
     same_data = trained_root is not None and root.resolve() == Path(trained_root).resolve()
     # another root is evaluated by its own val/ or test/ folder when it has one (as always); without one, it
     # may be the run's data moved elsewhere: the held-out images, found by path and checked by hash below
-    own_folder = (root / (cfg.split or ("test" if (root / "test").is_dir() else "val"))).is_dir()
+    folder_split = cfg.split or ("test" if (root / "test").is_dir() else "val")
+    own_folder = (root / folder_split).is_dir()
     moved = bool(held.get(split)) and all((root / row.path).is_file() for row in held[split])
     expected: dict[str, str] = {}  # path -> SHA-256 the run saw
     if held and (same_data or (moved and not own_folder)):
@@ -59,7 +60,7 @@ def main(cfg: DictConfig) -> float:
         ignored: list[tuple[str, str]] = []
         log.info("Evaluating the %d %s images the checkpoint's run held out of %s", len(samples), split, root)
     else:
-        split = cfg.split or ("test" if (root / "test").is_dir() else "val")  # another dataset's own folders
+        split = folder_split  # another dataset's own folders
         folder = root / split
         if not folder.is_dir():
             raise DatasetError(

@@ -24,14 +24,13 @@ from src.models.backbones import normalization
 from src.models.classifier import check_model_config, inverse_frequency_weights
 from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
-from src.utils.config import check_trainer_settings, save_config
+from src.utils.config import check_trainer_settings, module_config, save_config
 from src.utils.distributed import launched_as_rank_zero
 from src.utils.errors import ConfigError
 from src.utils.io import DiskFullError, write_csv, write_json
 from src.utils.resume import check_same_data, resume_checkpoint
 
 log = logging.getLogger("src.train")
-MODEL_CALLBACKS = ("finetune", "cache")
 # a frozen backbone is in eval mode on purpose when training starts (BatchNorm statistics must not move)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
@@ -82,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume is not None:
         check_same_data(resume, datamodule.classes, datamodule.fingerprint, bool(cfg.get("allow_new_data", False)))
     # model.finetune and model.cache configure callbacks, not the module
-    model_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_CALLBACKS])
+    model_cfg = module_config(cfg.model)
     loss = class_weighted_loss(model_settings.get("loss"), datamodule)
     preprocessing = {  # what inference needs, recorded in every checkpoint
         "mean": list(datamodule.mean),

@@ -42,6 +42,14 @@ def flat_folder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
+def small_model(classes: list[str], **kwargs) -> TransferClassifier:
+    """A resnet18 (random init) with a tiny head: enough to check losses and metrics."""
+    head = {"hidden_dim": 8, "dropout": 0.0}
+    return TransferClassifier(
+        classes, {"name": "resnet18", "weights": None}, head, {"name": "SGD", "lr": 0.1}, **kwargs
+    )
+
+
 def splits_of(dm: ImageFolderDataModule) -> dict[str, str]:
     return {path: split for path, _, split in dm.split_rows()}
 
@@ -182,25 +190,13 @@ def test_every_label_file_problem_is_named_with_its_row(tmp_path, header, rows, 
 
 def test_class_weights_change_the_loss_as_computed_by_hand():
     assert inverse_frequency_weights([30, 10]) == [pytest.approx(40 / 60), pytest.approx(40 / 20)]
-    model = TransferClassifier(
-        ["a", "b"],
-        {"name": "resnet18", "weights": None},
-        {"hidden_dim": 8, "dropout": 0.0},
-        {"name": "SGD", "lr": 0.1},
-        loss={"class_weights": [0.5, 2.0]},
-    )
+    model = small_model(["a", "b"], loss={"class_weights": [0.5, 2.0]})
     log_probs = torch.log(torch.tensor([[0.8, 0.2], [0.4, 0.6], [0.9, 0.1]]))
     y = torch.tensor([0, 1, 1])
     by_hand = -(0.5 * np.log(0.8) + 2.0 * np.log(0.6) + 2.0 * np.log(0.1)) / (0.5 + 2.0 + 2.0)
     assert model.criterion(log_probs, y).item() == pytest.approx(by_hand, rel=1e-6)
     with pytest.raises(ConfigError, match="2 positive numbers"):
-        TransferClassifier(
-            ["a", "b"],
-            {"name": "resnet18", "weights": None},
-            {},
-            {"name": "SGD", "lr": 0.1},
-            loss={"class_weights": [1.0]},
-        )
+        small_model(["a", "b"], loss={"class_weights": [1.0]})
 
 
 def test_the_balanced_sampler_draws_classes_equally_and_replays_an_epoch(tmp_path):
@@ -218,12 +214,7 @@ def test_the_balanced_sampler_draws_classes_equally_and_replays_an_epoch(tmp_pat
 
 
 def test_macro_f1_and_balanced_accuracy_match_hand_values():
-    model = TransferClassifier(
-        ["a", "b", "c"],
-        {"name": "resnet18", "weights": None},
-        {"hidden_dim": 8, "dropout": 0.0},
-        {"name": "SGD", "lr": 0.1},
-    )
+    model = small_model(["a", "b", "c"])
     # confusion (rows true, columns predicted): a: 4 0 0 | b: 1 2 1 | c: 0 0 2
     y = torch.tensor([0] * 4 + [1] * 4 + [2] * 2)
     pred = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
@@ -367,13 +358,7 @@ def test_a_run_folder_kept_in_the_data_is_not_a_class(tmp_path):
 
 
 def test_class_weights_are_not_part_of_the_weights():
-    model = TransferClassifier(
-        ["a", "b"],
-        {"name": "resnet18", "weights": None},
-        {"hidden_dim": 8, "dropout": 0.0},
-        {"name": "SGD", "lr": 0.1},
-        loss={"class_weights": [1.0, 3.0]},
-    )
+    model = small_model(["a", "b"], loss={"class_weights": [1.0, 3.0]})
     assert "criterion.weight" not in model.state_dict()  # a resume may change them
     assert torch.equal(model.criterion.weight, torch.tensor([1.0, 3.0]))
 

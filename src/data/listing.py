@@ -130,12 +130,7 @@ def list_images(root: Path, folder_names: dict[str, str], labels: str | None, op
             raise DatasetError(f"{root} has {'/'.join(present)}/ but no {folder_names['train']}/. {LAYOUTS}")
         else:
             listing = list_class_folders(root, options)
-    empty = [
-        c for i, c in enumerate(listing.classes) if not any(t == i for s in listing.samples.values() for _, t in s)
-    ]
-    if empty:
-        raise DatasetError(f"Classes with no image: {empty}.")
-    return listing
+    return listing  # classes left without training images are refused once the preflight has run
 
 
 # ----------------------------------------------------------------------------------------------- folders

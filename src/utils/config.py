@@ -39,3 +39,11 @@ def check_trainer_settings(trainer: DictConfig) -> None:
     epochs = trainer.get("max_epochs")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs must be a whole number of at least 1, got {epochs!r}.")
+
+
+MODEL_CALLBACKS = ("finetune", "cache")  # keys of cfg.model that configure callbacks, not the LightningModule
+
+
+def module_config(model: DictConfig) -> DictConfig:
+    """cfg.model without the keys that configure callbacks: what instantiates the LightningModule."""
+    return OmegaConf.masked_copy(model, [k for k in model if k not in MODEL_CALLBACKS])

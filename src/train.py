@@ -17,17 +17,17 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.callbacks.hparams_view import HParamsView, hparams_of
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
 from src.data.preprocessing import encode_eval_transforms
 from src.models.backbones import normalization
 from src.models.classifier import check_model_config, inverse_frequency_weights
 from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
-from src.utils.config import check_trainer_settings, module_config, save_config
+from src.utils.config import check_trainer_settings, instantiate_each, module_config, save_config
 from src.utils.distributed import launched_as_rank_zero
 from src.utils.errors import ConfigError
 from src.utils.io import DiskFullError, write_csv, write_json
+from src.utils.lightning_compat import spawns_local_processes
 from src.utils.resume import check_same_data, resume_checkpoint
 
 log = logging.getLogger("src.train")
@@ -80,7 +80,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_preflight_report(output_dir, datamodule)
     if resume is not None:
         check_same_data(resume, datamodule.classes, datamodule.fingerprint, bool(cfg.get("allow_new_data", False)))
-    # model.finetune and model.cache configure callbacks, not the module
     model_cfg = module_config(cfg.model)
     loss = class_weighted_loss(model_settings.get("loss"), datamodule)
     preprocessing = {  # what inference needs, recorded in every checkpoint
@@ -97,14 +96,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loss=loss,
         _convert_="all",
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if cfg.model.get("finetune") is not None:
-        callbacks.append(instantiate(cfg.model.finetune, _convert_="all"))
-    if cfg.model.get("cache") is not None:  # after finetune: it asks whether the backbone stays frozen
-        callbacks.append(instantiate(cfg.model.cache, seed=cfg.get("seed")))
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    if loggers:
-        callbacks.append(HParamsView(hparams_of(cfg)))
+    callbacks, loggers = instantiate_each(cfg.get("callbacks")), instantiate_each(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launch(trainer)
 
@@ -174,11 +166,9 @@ def check_launch(trainer: L.Trainer) -> None:
     command line in every new process, which would start the whole sweep again in each of them."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-    launcher = trainer.strategy.launcher
     sweeping = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if sweeping and isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1:
+    if sweeping and spawns_local_processes(trainer):
         raise ConfigError(
             "A sweep (-m or hparams_search) cannot run DDP jobs that start their own processes here: Lightning "
             "would re-run the sweep in each process. Sweep on a cluster (hydra/launcher=slurm: SLURM starts "
@@ -236,12 +226,12 @@ def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:
     """What a user wants to know after a run, as plain JSON values."""
-    from src.callbacks.epoch_summary import EpochSummary, monitored_best
+    from src.callbacks.epoch_summary import EpochSummary, model_checkpoint, monitored_best
     from src.callbacks.feature_cache import FeatureCache
 
     history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), [])
     cache = next((c.stats for c in trainer.callbacks if isinstance(c, FeatureCache)), None)
-    ckpt = trainer.checkpoint_callback
+    ckpt = model_checkpoint(trainer)
     monitor, best = monitored_best(trainer, history)
     return {
         "status": "ok",

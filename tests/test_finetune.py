@@ -145,7 +145,7 @@ def test_finetuning_never_uses_the_feature_cache(tiny_data, tmp_path):
     cache = FeatureCache(enabled=True, dir=tmp_path / "cache", train_views=1, eval_batch_size=64, embed_batch_size=4)
     model, dm, trainer, _ = make_run(tiny_data, tmp_path, max_epochs=2, extra=[cache])
     trainer.fit(model, datamodule=dm)
-    assert not cache.stats["used"] and model.feature_inputs == set() and not (tmp_path / "cache").exists()
+    assert not cache.stats["used"] and dm.feature_sets == {} and not (tmp_path / "cache").exists()
 
 
 def resume(data: Path, root: Path, first_epochs: int, total: int):

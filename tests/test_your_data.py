@@ -219,13 +219,14 @@ def test_macro_f1_and_balanced_accuracy_match_hand_values():
     y = torch.tensor([0] * 4 + [1] * 4 + [2] * 2)
     pred = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
     scores = torch.nn.functional.one_hot(pred, 3).float()
-    model.val_macro_f1.update(scores, y)
-    model.val_balanced_acc.update(scores, y)
+    model.val_scores.update(scores, y)
     recall = [4 / 4, 2 / 4, 2 / 2]
     precision = [4 / 5, 2 / 2, 2 / 3]
     f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True)]
-    assert model.val_balanced_acc.compute().item() == pytest.approx(sum(recall) / 3)
-    assert model.val_macro_f1.compute().item() == pytest.approx(sum(f1) / 3)
+    computed = {k: v.item() for k, v in model.val_scores.compute().items()}
+    assert computed["val/balanced_acc"] == pytest.approx(sum(recall) / 3)
+    assert computed["val/macro_f1"] == pytest.approx(sum(f1) / 3)
+    assert computed["val/acc"] == pytest.approx(8 / 10)
 
 
 def test_imbalance_is_warned_with_the_options(tmp_path, caplog):

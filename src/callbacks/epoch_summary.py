@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ def best_epoch(history: list[dict[str, float]], monitor: str = "val/loss", mode:
 def monitored_best(trainer: Trainer, history: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
     """(monitor, best row) by the checkpoint callback's monitor and mode: the epoch whose weights the best
     checkpoint keeps (val/loss, lowest, without one)."""
-    ckpt = trainer.checkpoint_callback
+    ckpt = model_checkpoint(trainer)
     monitor = getattr(ckpt, "monitor", None) or "val/loss"
     return monitor, best_epoch(history, monitor, getattr(ckpt, "mode", "min"))
+
+
+def model_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
+    """The run's first ModelCheckpoint: ``trainer.checkpoint_callback`` may be the SIGTERM save (a Checkpoint too)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)

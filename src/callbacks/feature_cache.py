@@ -14,11 +14,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset, Subset
 
-from src.data.datamodule import sampler_epoch
+from src.callbacks.finetuning import BackboneFinetuning
 from src.data.embedding_store import EmbeddingStore
 from src.data.features import FeatureSet, ViewSampler
 from src.data.seeding import KeySeededItems, mix
 from src.utils.errors import ConfigError, UserError
+from src.utils.lightning_compat import sampler_epoch
 from src.utils.tensor_store import tensors_digest
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class FeatureCache(Callback):
       named by backbone weights, transforms, precision, memory format, view and seed), so other splits,
       folds and re-splits of the same images reuse them; a corrupt or partial file is rebuilt; writes are
       atomic, so concurrent sweep jobs and later runs share them safely;
-    - used only when every backbone parameter is frozen for the whole run.
+    - used only when the run's BackboneFinetuning (the one owner of that decision) keeps the backbone frozen
+      for the whole run. The model tells feature batches (N×D) from images by their shape.
     """
 
     def __init__(
@@ -71,8 +73,9 @@ class FeatureCache(Callback):
         self.sets: dict[str, FeatureSet] = {}
         if stage != "fit" or not self.enabled:
             return
-        if not pl_module.backbone_stays_frozen():
-            log.info("Feature cache not used: the backbone trains in this run")
+        self.finetuner = next((c for c in trainer.callbacks if isinstance(c, BackboneFinetuning)), None)
+        if self.finetuner is None or not self.finetuner.keeps_backbone_frozen:
+            log.info("Feature cache not used: the backbone trains in this run (no frozen-backbone finetuning)")
             return
         dm = trainer.datamodule
         self.sets["val"] = FeatureSet(len(dm.datasets["val"]))
@@ -86,14 +89,13 @@ class FeatureCache(Callback):
                 dm.batch_size,
                 ViewSampler(n, self.train_views, self.seed, lambda: sampler_epoch(trainer), dm.sample_weights()),
             )
-        pl_module.feature_inputs = set(self.sets)
         self.stats["used"] = True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the model now sits on its device: embed (or load) what setup promised, before the first batch
         if not self.sets:
             return
-        pl_module.keep_frozen_parts_in_eval()
+        self.finetuner.apply_bn_policy(pl_module)  # embedding runs the backbone as training would see it
         self._identity = feature_identity(pl_module, str(trainer.precision))
         # DDP: rank zero embeds and writes; the others wait for it, then read the files (every rank holds
         # all features; Lightning's distributed sampler gives each its share of the indices)

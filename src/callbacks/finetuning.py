@@ -53,8 +53,36 @@ class BackboneFinetuning(BaseFinetuning):
 
     @property
     def keeps_backbone_frozen(self) -> bool:
-        """True when nothing ever unfreezes: the feature cache may be used."""
+        """True when nothing ever unfreezes: the one answer the feature cache and slim checkpoints rely on."""
         return not self.schedule
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # freeze_before_training
+        self.apply_bn_policy(pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)  # finetune_function: this epoch's unfreezing
+        # Lightning does not call train() at fit start and restores each module's mode after validation:
+        # a freshly built (all-train) module is corrected here, every epoch
+        self.apply_bn_policy(pl_module)
+
+    @staticmethod
+    def apply_bn_policy(pl_module: LightningModule) -> None:
+        """Eval mode for a fully frozen backbone, and for every BatchNorm whose parameters are frozen, so their
+        running statistics never move; trainable parts follow the module's mode."""
+        backbone = pl_module.backbone
+        if not any(p.requires_grad for p in backbone.parameters()):
+            backbone.eval()
+            return
+        backbone.train(pl_module.training)
+        for module in backbone.modules():
+            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.eval()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A backbone frozen for the whole run is rebuilt from its weights file: the module may leave it out."""
+        if self.keeps_backbone_frozen:
+            pl_module.drop_frozen_backbone(checkpoint)
 
     def freeze_before_training(self, pl_module: LightningModule) -> None:
         self.freeze(pl_module.backbone, train_bn=False)
@@ -110,4 +138,4 @@ class BackboneFinetuning(BaseFinetuning):
                 lr = head_lr * self.backbone_lr_factor
                 optimizer.add_param_group({"params": params, "lr": lr, "initial_lr": lr, "name": f"backbone.{name}"})
                 log.info("Epoch %d: unfroze backbone group %s (%d tensors) at lr %.3g", epoch, name, len(params), lr)
-        pl_module.keep_frozen_parts_in_eval()
+        self.apply_bn_policy(pl_module)

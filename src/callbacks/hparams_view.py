@@ -4,54 +4,51 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.epoch_summary import EpochSummary, monitored_best
 
+# overrides not shown: where data and outputs live says nothing about the model
+HIDDEN_OVERRIDES = ("data.root", "hydra.run.dir", "paths.cache_dir")
+
 
 class HParamsView(Callback):
-    """At the end of training, log ``params`` with hp/best_val_loss and hp/best_val_acc (at the epoch the best
-    checkpoint keeps) to every TensorBoard logger, while its event file is still open."""
+    """At the end of training, log ``params`` (conf/callbacks/default.yaml) and every override of this Hydra job
+    with hp/best_val_loss and hp/best_val_acc (at the epoch the best checkpoint keeps) to every TensorBoard
+    logger, while its event file is still open. Without a TensorBoard logger it does nothing."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
+        self.params = dict(params)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), [])
         _, best = monitored_best(trainer, history)
-        if not best:
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not best or not tensorboards:
             return
+        params = {**job_overrides(), **self.params}
+        params = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
         metrics = {"hp/best_val_loss": best["val/loss"], "hp/best_val_acc": best.get("val/acc", float("nan"))}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):  # rank zero only: Lightning's loggers write nothing elsewhere
-                logger.log_hyperparams(self.params, metrics)
+        for logger in tensorboards:  # rank zero only: Lightning's loggers write nothing elsewhere
+            logger.log_hyperparams(params, metrics)
 
 
-# the settings shown beside every run's best metrics in TensorBoard's HParams tab (plus the job's overrides)
-HPARAMS = (
-    "model.backbone.name",
-    "model.head.hidden_dim",
-    "model.head.dropout",
-    "model.optimizer.name",
-    "model.optimizer.lr",
-    "model.scheduler.name",
-    "data.batch_size",
-    "trainer.max_epochs",
-    "seed",
-)
-
-
-def hparams_of(cfg: DictConfig) -> dict[str, Any]:
-    """The settings of HPARAMS and every override of this job (data and output paths left out)."""
+def job_overrides() -> dict[str, Any]:
+    """This Hydra job's command-line overrides as {key: value} (YAML-typed), data and output paths left out."""
     from hydra.core.hydra_config import HydraConfig
 
-    params: dict[str, Any] = {key: OmegaConf.select(cfg, key) for key in HPARAMS}
-    if HydraConfig.initialized():
-        for override in HydraConfig.get().overrides.task:
-            key, _, value = override.partition("=")
-            key = key.lstrip("+~")
-            if key not in ("data.root", "hydra.run.dir", "paths.cache_dir") and not key.startswith("callbacks."):
-                params.setdefault(key, OmegaConf.select(cfg, key, default=value))
+    if not HydraConfig.initialized():
+        return {}
+    params: dict[str, Any] = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in HIDDEN_OVERRIDES or key.startswith("callbacks."):
+            continue
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            params[key] = value
     return params

@@ -15,66 +15,75 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import Metric
+
+from src.utils.lightning_compat import (
+    batches_done_this_epoch,
+    dump_checkpoint,
+    last_saved_step,
+    restore_metric_updates,
+    set_sigterm_flag,
+)
 
 log = logging.getLogger(__name__)
 
 
-class SaveOnSigterm(Callback):
-    """Save ``<checkpoint dir>/last.ckpt`` (atomically, through the trainer's CheckpointIO) on SIGTERM."""
+class SaveOnSigterm(OnExceptionCheckpoint):
+    """Lightning's OnExceptionCheckpoint for SIGTERM only, writing ``<dirpath>/last.ckpt`` (atomically, through
+    the trainer's CheckpointIO) unless ModelCheckpoint's last.ckpt is already current; kept after the run."""
 
-    def __init__(self) -> None:
+    def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
+        super().__init__(dirpath, filename)
         self._saving = False
         self._deferred = False
 
     def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         # Lightning would stop here, mid-validation, and a resumed run would lose that epoch's metrics:
         # hold the signal until validation ends (validation is short), then stop at the epoch's end,
-        # right after ModelCheckpoint has written last.ckpt. Lightning keeps the flag on its signal connector.
+        # right after ModelCheckpoint has written last.ckpt
         if trainer.training is False and trainer.state.fn == "fit" and trainer.received_sigterm:
-            trainer._signal_connector.received_sigterm = False
+            set_sigterm_flag(trainer, False)
             self._deferred = True
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._deferred:
             self._deferred = False
-            trainer._signal_connector.received_sigterm = True
+            set_sigterm_flag(trainer, True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
-        ckpt = trainer.checkpoint_callback
         if trainer.global_step == 0:
             log.warning("SIGTERM before the first training step: nothing to save; a rerun starts from scratch.")
             return
-        if not isinstance(ckpt, ModelCheckpoint) or ckpt.dirpath is None:
-            log.error("SIGTERM received, but no ModelCheckpoint directory is configured: nothing was saved.")
-            return
-        if ckpt._last_global_step_saved == trainer.global_step:
+        every_epoch = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        if every_epoch is not None and last_saved_step(every_epoch) == trainer.global_step:
             # the signal came after this epoch's checkpoint: that last.ckpt is already the place to resume from
-            log.warning("SIGTERM: %s is current. Resume in this run folder with ckpt_path=last.", ckpt.last_model_path)
+            log.warning("SIGTERM: %s is current. Resume in this run folder with ckpt_path=last.", self.ckpt_path)
             return
-        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST or 'last'}{ckpt.FILE_EXTENSION}"
         if trainer.world_size > 1:
-            self._save_from_rank_zero(trainer, path)
+            self._save_from_rank_zero(trainer, Path(self.ckpt_path))
             if not trainer.is_global_zero:
                 return
         else:
             self._saving = True
             try:
-                trainer.save_checkpoint(path)
+                super().on_exception(trainer)
             finally:
                 self._saving = False
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         log.warning(
             "SIGTERM: saved %s (epoch %d, %d batches into it). Resume in this run folder with ckpt_path=last.",
-            path,
+            self.ckpt_path,
             trainer.current_epoch + 1,
-            batches,
+            batches_done_this_epoch(trainer),
         )
+
+    def teardown(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        """Keep last.ckpt: OnExceptionCheckpoint deletes its file after a run that ends well, but here it is
+        ModelCheckpoint's last.ckpt, the place a later run resumes from."""
 
     @staticmethod
     def _save_from_rank_zero(trainer: Trainer, path: Path) -> None:
@@ -83,8 +92,7 @@ class SaveOnSigterm(Callback):
         the processes it launched, which have nothing to save and could wait forever on a collective."""
         if not trainer.is_global_zero:
             return
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+        trainer.strategy.checkpoint_io.save_checkpoint(dump_checkpoint(trainer), path)
         launcher = trainer.strategy.launcher
         if launcher is not None and getattr(launcher, "procs", None):
             launcher.kill(signal.SIGKILL)
@@ -115,5 +123,4 @@ def load_metric_states(module: torch.nn.Module, states: dict[str, dict[str, Any]
         metric = module.get_submodule(name)
         for key, value in saved["state"].items():
             setattr(metric, key, value.to(metric.device))
-        metric._update_count = saved["update_count"]
-        metric._computed = None
+        restore_metric_updates(metric, saved["update_count"])

@@ -24,6 +24,7 @@ from src.data.preflight import drop_samples, scan
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
+from src.utils.lightning_compat import batches_done_this_epoch, sampler_epoch
 from src.utils.processes import start_worker
 
 log = logging.getLogger(__name__)
@@ -333,7 +334,7 @@ class ImageFolderDataModule(LightningDataModule):
         def progress() -> tuple[int, int]:  # (epoch, samples trained on in it, over all ranks)
             if self.trainer is None:
                 return 0, 0
-            batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            batches = batches_done_this_epoch(self.trainer)
             return sampler_epoch(self.trainer), batches * batch_size * self.trainer.world_size
 
         return ResumableLoader(
@@ -411,11 +412,3 @@ def data_fingerprint(root: Path, datasets: dict[str, ImageList], digests: dict[s
         if p not in bad
     )
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def sampler_epoch(trainer: Any) -> int:
-    """The epoch Lightning's samplers are meant to see (what it passes to ``set_epoch``), 0 without a trainer.
-
-    ``trainer.current_epoch`` lags by one when a run resumes from a checkpoint saved at an epoch's end.
-    """
-    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0

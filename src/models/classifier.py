@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.models.backbones import build_backbone, check_backbone_name
 from src.models.head import build_head, check_head
 from src.models.schedules import build_schedule, check_schedule
 from src.utils.errors import ConfigError, UserError
+from src.utils.lightning_compat import attached_trainer
 
 log = logging.getLogger(__name__)
 OPTIMIZER_PRESETS = "sgd|adam|adamw|rmsprop"  # conf/model/optimizer/
@@ -26,10 +26,10 @@ OPTIMIZER_PRESETS = "sgd|adam|adamw|rmsprop"  # conf/model/optimizer/
 class TransferClassifier(LightningModule):
     """Backbone features → head → log-probabilities.
 
-    Freezing is done by a BaseFinetuning callback (src.callbacks.finetuning); this module only honours it:
-    a backbone with no trainable parameter runs in eval mode under ``torch.inference_mode``, and any
-    BatchNorm layer whose parameters are frozen stays in eval mode when Lightning calls ``train()``, so its
-    running statistics never move.
+    The model never decides what trains: a BaseFinetuning callback (src.callbacks.finetuning) freezes and
+    unfreezes the backbone, sets its BatchNorm modes and says when a checkpoint may drop the frozen backbone
+    (``drop_frozen_backbone``). A backbone with no trainable parameter runs under ``torch.inference_mode``.
+    A batch of N×D features (from the feature cache) goes through the head only.
 
     All constructor arguments are plain values (str, float, list, dict), so checkpoints load with
     ``torch.load(weights_only=True)``. ``preprocessing`` (mean, std, eval transforms) makes a checkpoint
@@ -66,38 +66,29 @@ class TransferClassifier(LightningModule):
             self.criterion.register_buffer("weight", torch.tensor(weights), persistent=False)
         self.mean, self.std = built.mean, built.std
         self.weights_sha256 = built.weights_sha256
-        # stages whose batches are precomputed backbone features, not images (set by the FeatureCache)
-        self.feature_inputs: set[str] = set()
         n = len(class_names)
         # sample-weighted epoch means (torchmetrics accumulates detached numbers, never graphs)
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        # imbalance-aware scores: macro-F1, and balanced accuracy (the mean of per-class recalls)
-        self.val_macro_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.val_balanced_acc = MulticlassAccuracy(num_classes=n, average="macro")
-        self.test_macro_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.test_balanced_acc = MulticlassAccuracy(num_classes=n, average="macro")
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        # val adds imbalance-aware scores: macro-F1, and balanced accuracy (the mean of per-class recalls).
+        # compute_groups off: each metric keeps its own state (a SIGTERM checkpoint saves them one by one)
+        self.train_scores = MetricCollection(
+            {"acc": MulticlassAccuracy(num_classes=n, average="micro")}, prefix="train/", compute_groups=False
+        )
+        self.val_scores = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                "macro_f1": MulticlassF1Score(num_classes=n, average="macro"),
+                "balanced_acc": MulticlassAccuracy(num_classes=n, average="macro"),
+            },
+            prefix="val/",
+            compute_groups=False,
+        )
 
     # ------------------------------------------------------------------------------------------ forward
 
     def backbone_is_frozen(self) -> bool:
         """True when no backbone parameter trains (feature extraction)."""
         return not any(p.requires_grad for p in self.backbone.parameters())
-
-    def backbone_stays_frozen(self) -> bool:
-        """True when the backbone is frozen for the whole run: feature cache and slim checkpoints rely on it.
-
-        Finetuning callbacks declare it (``keeps_backbone_frozen``) — they may not have frozen anything yet at
-        set-up; one that doesn't declare it counts as unfreezing. With none, the backbone's state now decides.
-        """
-        from lightning.pytorch.callbacks import BaseFinetuning
-
-        finetuners = [c for c in self._trainer.callbacks if isinstance(c, BaseFinetuning)] if self._trainer else []
-        if not finetuners:
-            return self.backbone_is_frozen()
-        return all(getattr(c, "keeps_backbone_frozen", False) for c in finetuners)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; without autograd when the backbone is frozen."""
@@ -113,50 +104,27 @@ class TransferClassifier(LightningModule):
         """Log-probabilities, N × num_classes."""
         return self.head(self.features(x))
 
-    def train(self, mode: bool = True) -> TransferClassifier:
-        """Set train/eval mode; frozen parts stay in eval mode even when asked to train."""
-        super().train(mode)
-        if mode:
-            self.keep_frozen_parts_in_eval()
-        return self
-
-    def keep_frozen_parts_in_eval(self) -> None:
-        """Eval mode for a fully frozen backbone, and for every BatchNorm whose parameters are frozen."""
-        if self.backbone_is_frozen():
-            self.backbone.eval()
-            return
-        nn.Module.train(self.backbone, self.training)  # trainable parts follow the module's mode
-        for module in self.backbone.modules():
-            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters(recurse=False)):
-                module.eval()
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning (>= 2.2) does not call train() at fit start and restores per-module modes after
-        # validation, so a freshly built (all-train) module must be corrected here, every epoch
-        self.keep_frozen_parts_in_eval()
-
     # ------------------------------------------------------------------------------------------- steps
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        log_probs = self.head(x) if stage in self.feature_inputs else self(x)
+        log_probs = self.head(x) if x.ndim == 2 else self(x)  # N×D: cached backbone features
         loss = self.criterion(log_probs, y)
         if stage == "train" and not torch.isfinite(loss):
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else None
+            trainer = attached_trainer(self)
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None else None
             raise UserError(
                 f"The training loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step}: "
                 f"training diverged. Lower model.optimizer.lr (the head's is {lr}) or check the data."
             )
-        loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss_metric, scores = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_scores")
         loss_metric.update(loss.detach(), weight=y.numel())
-        acc_metric.update(log_probs.detach(), y)
+        scores.update(log_probs.detach(), y)
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
-        if stage != "train":
-            for name in ("macro_f1", "balanced_acc"):
-                metric = getattr(self, f"{stage}_{name}")
-                metric.update(log_probs.detach(), y)
-                self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True)
+        self.log(f"{stage}/acc", scores["acc"], on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(
+            {k: m for k, m in scores.items(keep_base=False) if k != f"{stage}/acc"}, on_step=False, on_epoch=True
+        )
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -164,9 +132,6 @@ class TransferClassifier(LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     # --------------------------------------------------------------------------------------- optimizer
 
@@ -210,9 +175,10 @@ class TransferClassifier(LightningModule):
 
     # ------------------------------------------------------------------------------------- checkpoints
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Slim checkpoints: drop the frozen backbone, keep the reference that rebuilds it."""
-        if self.hparams.slim_checkpoint and self.weights_sha256 and self.backbone_stays_frozen():
+    def drop_frozen_backbone(self, checkpoint: dict[str, Any]) -> None:
+        """Slim checkpoints (``slim_checkpoint``, weights from a hashed file): drop the backbone's tensors, keep
+        the reference that rebuilds it. Called by the finetuning callback, which knows the backbone stays frozen."""
+        if self.hparams.slim_checkpoint and self.weights_sha256:
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,9 +42,17 @@ def check_trainer_settings(trainer: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs must be a whole number of at least 1, got {epochs!r}.")
 
 
-MODEL_CALLBACKS = ("finetune", "cache")  # keys of cfg.model that configure callbacks, not the LightningModule
+# keys of cfg.model that configure callbacks (conf/callbacks/default.yaml builds them), not the LightningModule
+MODEL_CALLBACKS = ("finetune", "cache")
 
 
 def module_config(model: DictConfig) -> DictConfig:
     """cfg.model without the keys that configure callbacks: what instantiates the LightningModule."""
     return OmegaConf.masked_copy(model, [k for k in model if k not in MODEL_CALLBACKS])
+
+
+def instantiate_each(group: DictConfig | None) -> list[Any]:
+    """One object per entry of a config group (callbacks, loggers); null entries are switched off."""
+    from hydra.utils import instantiate
+
+    return [instantiate(c, _convert_="all") for c in (group or {}).values() if c is not None]

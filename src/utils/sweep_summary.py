@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from src.utils.io import write_csv, write_json
+from src.utils.lightning_compat import job_exception
 
 SUMMARY = "summary.json"
 SWEEP_SUMMARY = "sweep_summary.csv"
@@ -44,7 +45,7 @@ class SweepSummary(Callback):
             return
         job_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
-            err = job_return._return_value  # the exception; .return_value would re-raise it
+            err = job_exception(job_return)
             write_json(job_dir / FAILURE, {"status": "failed", "reason": f"{type(err).__name__}: {err}"})
         write_sweep_summary(Path(config.hydra.sweep.dir))
 

@@ -1,0 +1,85 @@
+"""Every private attribute of Lightning, torchmetrics and Hydra this project touches, one small function each.
+
+Each function says why no public API does the job. tests/test_lightning_compat.py exercises every one of
+them against the installed versions, so an upgrade that renames or removes one fails there, loudly, instead
+of silently changing a resume or a SIGTERM save.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torchmetrics import Metric
+
+
+def attached_trainer(module: LightningModule) -> Trainer | None:
+    """The trainer a module is attached to, or None.
+
+    ``LightningModule.trainer`` raises when there is none; only the private ``_trainer`` answers "none" quietly."""
+    return module._trainer
+
+
+def set_sigterm_flag(trainer: Trainer, received: bool) -> None:
+    """Set or clear Lightning's "SIGTERM received" flag.
+
+    ``Trainer.received_sigterm`` is read-only; holding a SIGTERM until validation ends (so a resumed run keeps
+    that epoch's metrics) needs the flag cleared and raised again on the signal connector that owns it."""
+    trainer._signal_connector.received_sigterm = received
+
+
+def last_saved_step(checkpoint: ModelCheckpoint) -> int:
+    """The global step of ModelCheckpoint's latest save (0 before any).
+
+    Public attributes give the paths saved, not when: a SIGTERM save must know whether last.ckpt is current."""
+    return checkpoint._last_global_step_saved
+
+
+def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
+    """The full checkpoint dict the trainer would save, without saving it.
+
+    ``Trainer.save_checkpoint`` also waits on every rank (a barrier); a DDP rank stopping alone on SIGTERM
+    must write without waiting, and only the checkpoint connector builds the dict."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def batches_done_this_epoch(trainer: Trainer) -> int:
+    """Training batches completed in the current epoch (restored on a mid-epoch resume).
+
+    Lightning's loops keep their progress counters on ``fit_loop``, which has no public accessor for them."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+
+def sampler_epoch(trainer: Trainer | None) -> int:
+    """The epoch Lightning's samplers are meant to see (what it passes to ``set_epoch``), 0 without a trainer.
+
+    ``trainer.current_epoch`` lags by one when a run resumes from a checkpoint saved at an epoch's end; the
+    loop's processed-epochs counter does not."""
+    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+
+
+def restore_metric_updates(metric: Metric, update_count: int) -> None:
+    """Mark a metric whose states were just put back as having seen ``update_count`` updates.
+
+    torchmetrics restores tensor states through attributes (public), but its update counter and compute
+    cache have no setter: without them ``compute`` warns it was never updated or returns a stale value."""
+    metric._update_count = update_count
+    metric._computed = None
+
+
+def spawns_local_processes(trainer: Trainer) -> bool:
+    """True when the trainer's launcher re-runs the command line to start more local processes (DDP).
+
+    Lightning exposes no public flag for "this launcher re-executes the script"; its class says it."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = trainer.strategy.launcher
+    return isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
+
+
+def job_exception(job_return: Any) -> BaseException | Any:
+    """The exception a failed Hydra job raised.
+
+    ``JobReturn.return_value`` re-raises it for a failed job; the stored value is only in ``_return_value``."""
+    return job_return._return_value

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import datasets
 from torchvision import transforms as T
 
-from src.models.backbones import efficientnet_lite0, normalization, torchvision_model
+from src.models.backbones import efficientnet_lite0, torchvision_model, weights_preprocessing
 
 
 def seed_model(name: str, pretrained: bool) -> tuple[nn.Module, str]:
@@ -37,7 +37,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    mean, std = normalization(a.backbone)
+    weights = weights_preprocessing(a.backbone)
+    mean, std = weights.mean, weights.std
     model, head_attr = seed_model(a.backbone, not a.random_weights)
     train_tf = T.Compose(
         [

@@ -69,7 +69,7 @@ def copies_and_distinct(folder: Path, limit: int) -> dict[str, list[float]]:
     from torchvision import transforms as T
 
     from src.data.images import load_rgb
-    from src.models.backbones import build_backbone, normalization
+    from src.models.backbones import build_backbone, weights_preprocessing
 
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_TYPES)[:limit]
     originals = [load_rgb(f) for f in files]
@@ -83,7 +83,8 @@ def copies_and_distinct(folder: Path, limit: int) -> dict[str, list[float]]:
         return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
     kinds = {"resized 70 %, JPEG q60": (0.7, 0.0, 60), "resized 80 %, 5 % cropped per side, q75": (0.8, 0.05, 75)}
-    mean, std = normalization("efficientnet_lite0")
+    weights = weights_preprocessing("efficientnet_lite0")
+    mean, std = weights.mean, weights.std
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
     net = build_backbone("efficientnet_lite0", "DEFAULT").module.eval()
 

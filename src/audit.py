@@ -29,8 +29,8 @@ from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
 from src.data.duplicates import feature_pairs, find_duplicates
 from src.data.embedding_store import EmbeddingStore
 from src.data.listing import ImageList, relative
-from src.models.backbones import normalization
 from src.models.classifier import check_model_config
+from src.train import instantiate_datamodule
 from src.utils.cli import report_user_errors
 from src.utils.config import module_config
 from src.utils.errors import ConfigError
@@ -51,8 +51,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"audit takes folds, C, max_iter, near_cosine and grid_size; not {', '.join(unknown)}.")
     seed = 0 if cfg.get("seed") is None else int(cfg.seed)
     start = time.perf_counter()
-    mean, std = normalization(cfg.model.backbone.name)
-    dm = instantiate(cfg.data, mean=cfg.data.get("mean") or list(mean), std=cfg.data.get("std") or list(std))
+    dm = instantiate_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
     scan_s = time.perf_counter() - start

@@ -18,8 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
-from src.data.preprocessing import encode_eval_transforms
-from src.models.backbones import normalization
+from src.data.preprocessing import preprocessing_record
+from src.models.backbones import weights_preprocessing
 from src.models.classifier import check_model_config, inverse_frequency_weights
 from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
@@ -61,19 +61,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     check_trainer_settings(cfg.trainer)
     check_monitor(cfg.get("callbacks"))
-    eval_transforms = encode_eval_transforms(OmegaConf.to_container(cfg.data.eval_transforms, resolve=True))
+    preprocessing = preprocessing_record(  # what inference needs; the eval transforms checked here
+        *data_normalization(cfg), OmegaConf.to_container(cfg.data.eval_transforms, resolve=True)
+    )
     resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
     start = time.perf_counter()  # wall_s: from data setup to the end of the last epoch
-    mean, std = normalization(cfg.model.backbone.name)
-    datamodule = instantiate(
-        cfg.data,
-        mean=cfg.data.get("mean") or list(mean),
-        std=cfg.data.get("std") or list(std),
-        _convert_="all",
-    )
+    datamodule = instantiate_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     if writer:
@@ -82,11 +78,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_same_data(resume, datamodule.classes, datamodule.fingerprint, bool(cfg.get("allow_new_data", False)))
     model_cfg = module_config(cfg.model)
     loss = class_weighted_loss(model_settings.get("loss"), datamodule)
-    preprocessing = {  # what inference needs, recorded in every checkpoint
-        "mean": list(datamodule.mean),
-        "std": list(datamodule.std),
-        "eval_transforms": eval_transforms,  # src.data.preprocessing: plain values, allowed classes only
-    }
     model = instantiate(
         model_cfg,
         class_names=datamodule.classes,
@@ -129,6 +120,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     return summary
+
+
+def data_normalization(cfg: DictConfig) -> tuple[list[float], list[float]]:
+    """(mean, std) of the input normalisation: data.mean/data.std when set, else the backbone weights' own."""
+    weights = weights_preprocessing(cfg.model.backbone.name)
+    return list(cfg.data.get("mean") or weights.mean), list(cfg.data.get("std") or weights.std)
+
+
+def instantiate_datamodule(cfg: DictConfig) -> Any:
+    """The configured datamodule, normalising as ``data_normalization`` says."""
+    mean, std = data_normalization(cfg)
+    return instantiate(cfg.data, mean=mean, std=std, _convert_="all")
 
 
 MONITORED = {  # what the model logs each epoch, and which way is better

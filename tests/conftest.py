@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,16 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
+
+
+# 64-px crops instead of the recipe's 224: end-to-end tests of resuming, scaling and checkpoints that do not
+# depend on the image size run ~10x less backbone work (the recipe's transforms are tested on their own)
+SMALL_IMAGES = (
+    "data.train_transforms=[{_target_: torchvision.transforms.RandomResizedCrop, size: 72, scale: [0.8, 1.0]},"
+    "{_target_: torchvision.transforms.RandomHorizontalFlip},{_target_: torchvision.transforms.CenterCrop, size: 64}]",
+    "data.eval_transforms=[{_target_: torchvision.transforms.Resize, size: 72},"
+    "{_target_: torchvision.transforms.CenterCrop, size: 64}]",
+)
 
 
 def make_imagefolder(root: Path, classes=("ants", "bees"), per_split=None, size=(64, 48), seed: int = 0) -> Path:
@@ -44,19 +53,15 @@ def hymenoptera() -> Path:
 
 
 def run_cli(*args: str, scratch: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m src.train ARGS`` from the repository root in a subprocess, as a user would.
+    """Run ``python -m src.train ARGS`` from the repository root in a process of its own, as a user would
+    (forked from a server that imported it already: tests/forkrun.py).
 
     Caches go under ``scratch`` so tests never write into the repository.
     """
+    from tests import forkrun
+
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "src.train", *args, f"paths.cache_dir={scratch / 'cache'}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return forkrun.run("src.train", *args, f"paths.cache_dir={scratch / 'cache'}", cwd=REPO, env=env, timeout=timeout)
 
 
 def compose_train_cfg(output_dir: Path, *overrides: str):

@@ -75,7 +75,13 @@ def test_packaged_lite0_weights_load_by_position_with_hash_and_shapes():
     for (_, s), (_, t) in zip(source.items(), target.items(), strict=True):
         assert torch.equal(s, t)
     built = build_backbone("efficientnet_lite0", "DEFAULT")
-    assert built.feature_dim == 1280 and built.mean == (0.5, 0.5, 0.5) == built.std
+    assert built.feature_dim == 1280
+    # the TF release's preprocessing (timm's tf_efficientnet_lite0 config), not timm's retrain's ImageNet stats
+    assert backbones.weights_preprocessing("efficientnet_lite0") == backbones.Preprocessing(
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 256, 224
+    )
+    resnet = backbones.weights_preprocessing("resnet50")  # torchvision's DEFAULT (V2) weights: resize 232
+    assert (resnet.mean, resnet.std, resnet.crop) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224)
     assert built.module(torch.zeros(1, 3, 224, 224)).shape == (1, 1280)
 
 
@@ -91,12 +97,13 @@ def test_packaged_lite0_recognises_ants_and_bees(hymenoptera):
     """The untouched ImageNet classifier: 310 is 'ant', 309 'bee'."""
     model, _ = efficientnet_lite0("DEFAULT")
     model.eval()
+    lite0 = backbones.weights_preprocessing("efficientnet_lite0")
     tf = T.Compose(
         [
             T.Resize(256),
             T.CenterCrop(224),
             T.ToTensor(),
-            T.Normalize(backbones.LITE0_MEAN, backbones.LITE0_STD),
+            T.Normalize(lite0.mean, lite0.std),
         ]
     )
     ds = ImageFolder(str(hymenoptera / "val"), tf, loader=load_rgb)

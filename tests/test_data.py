@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -100,3 +104,34 @@ def test_unreachable_download_says_how_to_use_a_local_copy(tmp_path):
     with pytest.raises(DatasetError, match=r"data.root=/path/to/mini"):
         fetch_zipped_imagefolder(root, (tmp_path / "missing.zip").as_uri(), "mini", "0" * 64, timeout_s=10)
     assert not root.exists()
+
+
+def slow_prepare(root: Path, log: Path) -> None:
+    """A prepare step that takes a while and notes when it starts and ends (one line each, appended)."""
+    with open(log, "a") as f:
+        f.write(f"start {os.getpid()}\n")
+    time.sleep(0.3)
+    root.mkdir(exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"end {os.getpid()}\n")
+
+
+def prepare_in_process(root: str, log: str) -> None:
+    prepare = functools.partial(slow_prepare, log=Path(log))
+    ImageFolderDataModule(root, SMALL, SMALL, mean=[0.5] * 3, std=[0.5] * 3, prepare=prepare).prepare_data()
+
+
+def test_prepare_data_runs_one_process_at_a_time(tmp_path):
+    """Ranks or sweep jobs start together: the second waits for the first to finish preparing."""
+    root, log = tmp_path / "data" / "set", tmp_path / "prepare.log"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=prepare_in_process, args=(str(root), str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    lines = log.read_text().splitlines()
+    assert len(lines) == 6 and all(
+        lines[i].split()[0] == "start" and lines[i + 1] == f"end {lines[i].split()[1]}" for i in range(0, 6, 2)
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +14,7 @@ from src.callbacks.feature_cache import FeatureCache
 from src.callbacks.finetuning import BackboneFinetuning
 from src.data.datamodule import ImageFolderDataModule
 from src.data.features import ViewSampler
-from src.models.classifier import TransferClassifier
+from tests.factories import tiny_datamodule, tiny_model, tiny_trainer
 
 SMALL_TRAIN = [T.RandomResizedCrop(32, scale=(0.8, 1.0)), T.RandomHorizontalFlip(), T.CenterCrop(28)]
 SMALL_EVAL = [T.Resize(32), T.CenterCrop(28)]
@@ -31,31 +30,13 @@ def fit(
     epochs: int = 2,
 ):
     """A short resnet18 (random init, seeded so every call builds the same weights) run with a cache."""
-    torch.manual_seed(0)
-    model = TransferClassifier(
-        ["ants", "bees"],
-        {"name": "resnet18", "weights": None},
-        {"hidden_dim": 16, "dropout": 0.4},
-        {"name": "SGD", "lr": 0.01, "momentum": 0.9},
-    )
-    dm = ImageFolderDataModule(
-        data, SMALL_TRAIN, eval_tf or SMALL_EVAL, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0
-    )
+    model = tiny_model()
+    dm = tiny_datamodule(data, SMALL_TRAIN, eval_tf or SMALL_EVAL, batch_size=4)
     cache = FeatureCache(
         enabled=True, dir=cache_dir, train_views=train_views, eval_batch_size=64, embed_batch_size=5, seed=7
     )
     callbacks = [cache] + ([BackboneFinetuning()] if freeze else [])
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        precision=precision,
-    )
+    trainer = tiny_trainer(callbacks, max_epochs=epochs, precision=precision)
     trainer.fit(model, datamodule=dm)
     return model, dm, cache
 
@@ -175,13 +156,14 @@ def test_view_sampler_draws_each_image_once_per_epoch():
 @pytest.mark.slow
 def test_head_trained_on_fp32_features_agrees_on_bf16_features(hymenoptera):
     """bf16 + channels_last features change ≤ 2% of a trained head's predictions (lite0, hymenoptera val)."""
-    from src.models.backbones import build_backbone
+    from src.models.backbones import build_backbone, weights_preprocessing
     from src.models.head import build_head
 
     backbone = build_backbone("efficientnet_lite0", "DEFAULT")
     net = backbone.module.eval()
     recipe_eval = [T.Resize(256), T.CenterCrop(224)]
-    dm = ImageFolderDataModule(hymenoptera, recipe_eval, recipe_eval, backbone.mean, backbone.std, num_workers=2)
+    weights = weights_preprocessing("efficientnet_lite0")
+    dm = ImageFolderDataModule(hymenoptera, recipe_eval, recipe_eval, weights.mean, weights.std, num_workers=2)
     dm.setup("fit")
     dm.datasets["train"].transform = dm.eval_transform
 

@@ -10,10 +10,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import transforms as T
 
 from src.callbacks.finetuning import BackboneFinetuning
-from src.data.datamodule import ImageFolderDataModule
 from src.models.classifier import TransferClassifier
 from src.models.head import build_head
 from src.utils.errors import ConfigError
+from tests.factories import tiny_datamodule, tiny_model, tiny_trainer
 
 RECIPE = dict(head={"hidden_dim": 256, "dropout": 0.4}, optimizer={"name": "SGD", "lr": 0.01, "momentum": 0.9})
 
@@ -66,23 +66,12 @@ class BatchNormModeProbe(L.Callback):
 
 
 def test_training_epoch_changes_the_head_only(tiny_data, tmp_path):
-    torch.manual_seed(0)
-    model = resnet18_classifier()
+    model = tiny_model(hidden_dim=256)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}  # params and BN buffers
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
-    small = [T.Resize(64), T.CenterCrop(64)]
-    dm = ImageFolderDataModule(tiny_data, small, small, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0)
+    dm = tiny_datamodule(tiny_data, [T.Resize(64), T.CenterCrop(64)], batch_size=4)
     probe = BatchNormModeProbe()
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[BackboneFinetuning(), probe],
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer([BackboneFinetuning(), probe], default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
 
     opt_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
@@ -99,17 +88,8 @@ def test_training_epoch_changes_the_head_only(tiny_data, tmp_path):
 
 def test_checkpoint_hparams_are_plain_values(tiny_data, tmp_path):
     model = resnet18_classifier()
-    small = [T.Resize(32), T.CenterCrop(32)]
-    dm = ImageFolderDataModule(tiny_data, small, small, mean=[0.5] * 3, std=[0.5] * 3, batch_size=4, num_workers=0)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[BackboneFinetuning()],
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
+    dm = tiny_datamodule(tiny_data, batch_size=4)
+    trainer = tiny_trainer([BackboneFinetuning()], max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)

@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,8 @@ import torch
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler
 from src.utils.errors import UserError
-from tests.conftest import REPO, make_imagefolder, run_cli
+from tests import forkrun
+from tests.conftest import REPO, SMALL_IMAGES, make_imagefolder, run_cli
 
 # 32 training images in batches of 4 = 8 steps per epoch; fresh augmentation every epoch (no train cache),
 # so shuffling, augmentation and dropout must all replay; full checkpoints (16 MB) so writes take a while
@@ -64,14 +63,13 @@ def assert_one_set_of_outputs(run_dir: Path) -> None:
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one per process, one folder
 
 
-def start_run(data: Path, run_dir: Path, scratch: Path, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "src.train", *ARGS, f"data.root={data}", f"hydra.run.dir={run_dir}"]
-    cmd += [f"paths.cache_dir={scratch / 'cache'}", *extra]
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+def start_run(data: Path, run_dir: Path, scratch: Path, log: Path, *extra: str) -> forkrun.ForkedRun:
+    """``python -m src.train`` in a process of its own (tests/forkrun.py), output in ``log``."""
+    args = [*ARGS, f"data.root={data}", f"hydra.run.dir={run_dir}", f"paths.cache_dir={scratch / 'cache'}", *extra]
+    return forkrun.start("src.train", *args, cwd=REPO, log=log)
 
 
-def wait_for(condition, proc: subprocess.Popen, poll: float, timeout: float = 300) -> bool:
+def wait_for(condition, proc: forkrun.ForkedRun, poll: float, timeout: float = 300) -> bool:
     """Poll ``condition`` until it holds (True) or the process ends or time runs out (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -220,7 +218,9 @@ def small_data(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("small") / "data", per_split={"train": 8, "val": 4}, size=(96, 72))
 
 
+FE = [*SMALL_IMAGES, "experiment=lite0_fe", "data.batch_size=4"]
 FT = [
+    *SMALL_IMAGES,
     "experiment=lite0_ft",
     "trainer.max_epochs=3",
     "model.finetune.schedule=[{epoch: 1, groups: 1},{epoch: 2, groups: all}]",
@@ -244,8 +244,8 @@ def interrupt(kind: str, epoch: int) -> list[str]:
 @pytest.mark.parametrize(
     "args, interruptions",
     [
-        (["experiment=lite0_fe", "trainer.max_epochs=3", "data.batch_size=4"], [("stop", 1)]),  # default cache K=1
-        (["experiment=lite0_fe", "trainer.max_epochs=3", "data.batch_size=4"], [("sigterm", 2)]),
+        ([*FE, "trainer.max_epochs=3"], [("stop", 1)]),  # default cache K=1
+        ([*FE, "trainer.max_epochs=3"], [("sigterm", 2)]),
         (FT, [("stop", 1), ("stop", 2)]),  # fine-tuning, resumed before each unfreeze stage
         (FT, [("sigterm", 2)]),  # fine-tuning, mid-epoch in the first unfrozen stage
     ],
@@ -275,7 +275,7 @@ def test_resume_is_exact_with_the_default_cache_and_at_every_fine_tuning_stage(
 
 @pytest.mark.slow
 def test_resume_refuses_another_dataset_unless_asked(small_data, tmp_path):
-    base = ["experiment=lite0_fe", "trainer.max_epochs=2", "data.batch_size=4"]
+    base = [*FE, "trainer.max_epochs=2"]
     train_in(tmp_path / "run", *base, f"data.root={small_data}", *stop_after(1))
     cats = make_imagefolder(tmp_path / "cats", classes=("cats", "dogs"), per_split={"train": 8, "val": 4})
     with pytest.raises(UserError, match=r"trained on the classes \['ants', 'bees'\].*has \['cats', 'dogs'\]"):

@@ -13,10 +13,10 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tests.conftest import make_imagefolder, run_cli
+from tests.conftest import SMALL_IMAGES, make_imagefolder, run_cli
 
 # dropout 0 and fp32: DDP's averaged gradients over 2 x 4 samples equal one process's over the same 8
-PARITY = ["experiment=lite0_fe", "trainer.max_epochs=3", "model.head.dropout=0", "trainer.precision=32"]
+PARITY = [*SMALL_IMAGES, "experiment=lite0_fe", "trainer.max_epochs=3", "model.head.dropout=0", "trainer.precision=32"]
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,15 @@ from PIL import Image
 from src.data.images import load_rgb
 from src.inference.checkpoint import UnsafeCheckpointError, load_trained, read_checkpoint
 from src.utils.errors import UserError
+from tests import forkrun
 from tests.conftest import REPO, make_imagefolder, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    """``python -m module args`` from the repository root, in a process of its own (tests/forkrun.py)."""
+    return forkrun.run(module, *args, cwd=REPO, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -12,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
+from lightning.fabric.utilities.data import suggested_max_num_workers
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
@@ -24,6 +24,7 @@ from src.data.preflight import drop_samples, scan
 from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler, SeededItems
 from src.utils.errors import ConfigError, DatasetError
+from src.utils.io import json_digest
 from src.utils.lightning_compat import batches_done_this_epoch, sampler_epoch
 from src.utils.processes import start_worker
 
@@ -31,12 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def default_num_workers() -> int:
-    """Worker processes for decoding: one per CPU this process may use, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(0, min(cpus, 8))
+    """Decoding workers when data.num_workers is null: Lightning's suggestion (the CPUs this process may use,
+    less one for the main process, at least 1), at most 8."""
+    return min(suggested_max_num_workers(1), 8)
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -132,9 +130,24 @@ class ImageFolderDataModule(LightningDataModule):
     # --------------------------------------------------------------------------------------- preparing
 
     def prepare_data(self) -> None:
-        """Create or download the dataset when ``prepare`` is set and the root is absent."""
-        if self.prepare is not None:
+        """Create or download the dataset when ``prepare`` is set and the root is absent.
+
+        One process at a time, whatever launched them (DDP ranks, torchrun, SLURM tasks, sweep jobs): a file
+        lock beside the root; the first prepares, the others wait on the lock and then find the data there.
+        """
+        if self.prepare is None:
+            return
+        lock = FileLock(self.root.parent / f".{self.root.name}.prepare.lock")
+        try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError:  # a read-only place: no process can write the data there, so none races another
             self.prepare(self.root)
+            return
+        try:
+            self.prepare(self.root)
+        finally:
+            lock.release()
 
     def setup(self, stage: str | None = None) -> None:
         """List the images (any layout), split what is unsplit, preflight them, and build the datasets."""
@@ -350,11 +363,6 @@ class ImageFolderDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        if "test" not in self.datasets:
-            raise DatasetError(f"{self.root} has no test split (a test/ folder, data.split.test, or split=test rows).")
-        return self._loader("test", shuffle=False)
-
 
 def near_rule(settings: dict[str, Any]) -> NearRule:
     """data.near_duplicates checked: pHash bits 0..31 (null: exact copies only), colour difference >= 0."""
@@ -411,4 +419,4 @@ def data_fingerprint(root: Path, datasets: dict[str, ImageList], digests: dict[s
         for p, c in ds.samples
         if p not in bad
     )
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return json_digest(rows)

@@ -10,7 +10,6 @@ an edited one is embedded anew.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from src.utils.io import json_digest
 from src.utils.tensor_store import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class EmbeddingStore:
 
     def __init__(self, root: str | os.PathLike, spec: dict[str, Any]) -> None:
         self.spec = spec
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+        key = json_digest(spec)[:32]
         self.folder = Path(root) / key
 
     def shards(self) -> list[Path]:

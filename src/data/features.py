@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from src.data.seeding import epoch_order
+from src.data.seeding import epoch_order, mix
 
 
 class FeatureSet(Dataset):
@@ -66,7 +66,7 @@ class ViewSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch_source() if self.epoch_source is not None else self.epoch
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(mix(self.seed, epoch))  # the one seed derivation (src.data.seeding)
         order = epoch_order(self.num_images, g, self.weights)
         views = torch.randint(self.num_views, (self.num_images,), generator=g)
         return iter((views[order] * self.num_images + order).tolist())

@@ -28,7 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from src.data.images import load_rgb
 from src.utils.errors import UserError
-from src.utils.io import atomic_write
+from src.utils.io import atomic_write, json_digest
 from src.utils.processes import start_worker
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) ->
     checked = {p: stat_regular(p) for p in paths}  # one stat per file: kind and cache key
     bad = {p: why for p, (_, why) in checked.items() if why is not None}
     regular = [p for p in paths if p not in bad]
-    key = hashlib.sha256(json.dumps([[p, *stamp(checked[p][0])] for p in regular]).encode()).hexdigest()
+    key = json_digest([[p, *stamp(checked[p][0])] for p in regular])
     cache = Path(cache_dir) / f"preflight-{key[:32]}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:

@@ -118,3 +118,20 @@ def check_normalization(mean: Any, std: Any) -> None:
         raise UnsafeTransformError(
             "The recorded normalization is not three finite means and three finite, positive standard deviations."
         )
+
+
+def preprocessing_record(mean: Sequence[float], std: Sequence[float], eval_transforms: Sequence[Any]) -> dict[str, Any]:
+    """What inference needs, recorded in every checkpoint: mean, std and the eval transforms as plain values
+    (checked now, from data.eval_transforms, so every checkpoint the run writes loads again)."""
+    return {"mean": list(mean), "std": list(std), "eval_transforms": encode_eval_transforms(eval_transforms)}
+
+
+def transform_from_record(record: Any) -> T.Compose:
+    """The deterministic preprocessing a checkpoint recorded (``preprocessing_record``): its eval transforms,
+    ToTensor, Normalize; UnsafeTransformError for anything but allowed classes and plain values."""
+    if not record:
+        raise UserError("The checkpoint records no preprocessing (trained by an older version?).")
+    steps = record.get("eval_transforms") if isinstance(record, dict) else None
+    if not isinstance(steps, list):
+        raise UserError("The checkpoint's preprocessing is not a mapping with a list of eval_transforms.")
+    return decode_eval_transforms(steps, record.get("mean") or [], record.get("std") or [])

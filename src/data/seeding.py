@@ -34,11 +34,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self,
         size: int,
         seed: int,
-        shuffle: bool = True,
         epoch_source: Callable[[], int] | None = None,
         weights: torch.Tensor | None = None,
     ) -> None:
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.size, self.seed, self.epoch = size, seed, 0
         self.epoch_source = epoch_source
         self.weights = weights
 
@@ -53,9 +52,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.current_epoch()
-        order = range(self.size)
-        if self.shuffle:
-            order = epoch_order(self.size, torch.Generator().manual_seed(mix(self.seed, epoch)), self.weights).tolist()
+        order = epoch_order(self.size, torch.Generator().manual_seed(mix(self.seed, epoch)), self.weights).tolist()
         return ((i, epoch) for i in order)
 
 

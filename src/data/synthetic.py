@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import logging
 import math
 import shutil
@@ -64,14 +65,6 @@ def make_shapes_dataset(
             shutil.rmtree(tmp)
 
 
-def hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
-    i = int(h * 6) % 6
-    f = h * 6 - math.floor(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    r, g, b = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
 def draw_shape(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One image: a noisy pale background and a randomly placed, sized and tinted shape of class ``name``."""
     background = rng.integers(170, 255, size=3)
@@ -79,7 +72,7 @@ def draw_shape(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     hue = (SHAPES[name] + rng.uniform(-0.05, 0.05)) % 1.0
-    color = hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.5, 0.9))
+    color = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.5, 0.9)))
     r = rng.uniform(0.18, 0.3) * size
     cx, cy = rng.uniform(r, size - r, size=2)
     if name == "circle":

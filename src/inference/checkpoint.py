@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torchvision import transforms as T
 
-from src.data.preprocessing import UnsafeTransformError, decode_eval_transforms
+from src.data.preprocessing import UnsafeTransformError, transform_from_record
 from src.models.classifier import TransferClassifier
 from src.utils.checkpoint_io import CorruptCheckpointError, verify_checkpoint_file
 from src.utils.errors import UserError
@@ -99,15 +99,9 @@ def check_plain_hparams(hparams: Any, path: Path) -> None:
 
 
 def eval_transform(hparams: dict[str, Any]) -> T.Compose:
-    """The checkpoint's deterministic preprocessing: its eval transforms, ToTensor, Normalize."""
-    pre = hparams.get("preprocessing") or {}
-    if not pre:
-        raise UserError("The checkpoint records no preprocessing (trained by an older version?).")
-    steps = pre.get("eval_transforms") if isinstance(pre, dict) else None
-    if not isinstance(steps, list):
-        raise UserError("The checkpoint's preprocessing is not a mapping with a list of eval_transforms.")
+    """The checkpoint's deterministic preprocessing (src.data.preprocessing decodes what training recorded)."""
     try:
-        return decode_eval_transforms(steps, pre.get("mean") or [], pre.get("std") or [])
+        return transform_from_record(hparams.get("preprocessing"))
     except UnsafeTransformError as err:
         raise UnsafeCheckpointError(f"Refusing the checkpoint: {err} Nothing in it was run.") from None
 
@@ -204,8 +198,6 @@ def rebuild(ckpt: dict[str, Any], hp: dict[str, Any]) -> tuple[TransferClassifie
     if ref is not None and not isinstance(ref, dict):
         raise UserError("The checkpoint's backbone_ref is not a mapping.")
     model = TransferClassifier(**{**hp, "backbone": dict(hp["backbone"], weights=ref["weights"] if ref else None)})
-    state = dict(ckpt["state_dict"])
-    if ref:
-        model.check_backbone_ref(ref)
-        state.update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
-    return model, state
+    completed = {"state_dict": dict(ckpt["state_dict"]), "backbone_ref": ref}
+    model.restore_frozen_backbone(completed)
+    return model, completed["state_dict"]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -23,44 +24,52 @@ from torch import nn
 from src.utils.errors import ConfigError, WeightsUnavailableError
 from src.utils.io import sha256_file
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE0_MEAN = (0.5, 0.5, 0.5)
-LITE0_STD = (0.5, 0.5, 0.5)
 LITE0_NAME = "efficientnet_lite0"
+# the packaged lite0 file is Google's TF release ported to PyTorch: timm describes that release's preprocessing
+# under tf_efficientnet_lite0 (mean = std = 0.5), while timm's own efficientnet_lite0 config is for its retrain
+LITE0_WEIGHTS_CONFIG = "tf_efficientnet_lite0"
 
 
 @dataclass
 class Backbone:
     """A feature extractor (classifier removed) and what it needs around it."""
 
-    name: str
     module: nn.Module  # maps N×3×H×W images to N×feature_dim pooled features
     feature_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weights_id: str | None  # "DEFAULT", an enum name or a file path; None for random init
     weights_sha256: str | None  # hash of the weights file actually loaded
 
 
-def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) the backbone was trained with; known without building it."""
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the backbone's pretrained weights expect images: normalisation and eval resize/crop sizes."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int
+    crop: int
+
+
+def weights_preprocessing(name: str) -> Preprocessing:
+    """The preprocessing the backbone's pretrained weights were trained with, read from the weights' own
+    config (torchvision's weights transforms, timm's pretrained config); known without building the model."""
     check_backbone_name(name)
-    return (LITE0_MEAN, LITE0_STD) if name == LITE0_NAME else (IMAGENET_MEAN, IMAGENET_STD)
+    if name == LITE0_NAME:
+        cfg = timm.models.get_pretrained_cfg(LITE0_WEIGHTS_CONFIG)
+        crop = int(cfg.input_size[-1])
+        return Preprocessing(tuple(cfg.mean), tuple(cfg.std), round(crop / cfg.crop_pct), crop)
+    tf = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    return Preprocessing(tuple(tf.mean), tuple(tf.std), int(tf.resize_size[0]), int(tf.crop_size[0]))
 
 
-def available_backbones() -> list[str]:
-    """Every name ``build_backbone`` accepts."""
-
-    return sorted({LITE0_NAME, *torchvision.models.list_models(module=torchvision.models)})
+@functools.cache
+def available_backbones() -> tuple[str, ...]:
+    """Every name ``build_backbone`` accepts (listed once per process: every check is a lookup)."""
+    return tuple(sorted({LITE0_NAME, *torchvision.models.list_models(module=torchvision.models)}))
 
 
 def check_backbone_name(name: str) -> None:
     """Raise a ConfigError listing close names when ``name`` is not a known backbone."""
-    if name == LITE0_NAME:
-        return
-
-    if name not in torchvision.models.list_models(module=torchvision.models):
+    if name not in available_backbones():
         import difflib
 
         close = difflib.get_close_matches(name, available_backbones(), n=5)
@@ -78,13 +87,10 @@ def build_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
         model, sha = efficientnet_lite0(weights)
         feature_dim = model.num_features
         model.reset_classifier(0)  # timm: pooled features out, no classifier
-        mean, std = LITE0_MEAN, LITE0_STD
     else:
         model, sha = torchvision_model(name, weights)
         feature_dim = strip_torchvision_classifier(model)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    weights_id = None if weights is None else str(weights)
-    return Backbone(name, model, feature_dim, mean, std, weights_id, sha)
+    return Backbone(model, feature_dim, sha)
 
 
 # ----------------------------------------------------------------------------------------------- torchvision

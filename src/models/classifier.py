@@ -64,7 +64,6 @@ class TransferClassifier(LightningModule):
         self.criterion = nn.NLLLoss()
         if weights is not None:
             self.criterion.register_buffer("weight", torch.tensor(weights), persistent=False)
-        self.mean, self.std = built.mean, built.std
         self.weights_sha256 = built.weights_sha256
         n = len(class_names)
         # sample-weighted epoch means (torchmetrics accumulates detached numbers, never graphs)
@@ -189,7 +188,12 @@ class TransferClassifier(LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming from a slim checkpoint: the backbone built from its weights must be the one it names."""
+        self.restore_frozen_backbone(checkpoint)
+
+    def restore_frozen_backbone(self, checkpoint: dict[str, Any]) -> None:
+        """A slim checkpoint's state_dict completed with this model's backbone, which must be the one its
+        ``backbone_ref`` names (built from the same weights file); a full checkpoint is left as it is.
+        The one rebuild of slim checkpoints: resuming (Lightning calls on_load_checkpoint) and inference."""
         ref = checkpoint.get("backbone_ref")
         if ref:
             self.check_backbone_ref(ref)

@@ -95,6 +95,12 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+def json_digest(value: Any) -> str:
+    """Hex SHA-256 of ``value`` as canonical JSON (sorted keys): the one fingerprint of lists and specs
+    (preflight's file list, a run's data, a feature-cache folder)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
     with open(path, "rb") as f:

@@ -52,6 +52,20 @@ def hymenoptera() -> Path:
     return HYMENOPTERA
 
 
+@pytest.fixture
+def cfg_train(tmp_path: Path, tiny_data: Path):
+    """The real training config (lite0_fe) on the tiny ImageFolder, shrunk for speed: 64-px crops, batches of 4,
+    2 epochs; outputs in tmp_path/run. Tests add what they check with ``OmegaConf`` or compose their own."""
+    return compose_train_cfg(
+        tmp_path / "run",
+        "experiment=lite0_fe",
+        f"data.root={tiny_data}",
+        *SMALL_IMAGES,
+        "data.batch_size=4",
+        "trainer.max_epochs=2",
+    )
+
+
 def run_cli(*args: str, scratch: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m src.train ARGS`` from the repository root in a process of its own, as a user would
     (forked from a server that imported it already: tests/forkrun.py).

@@ -26,7 +26,8 @@ _CONTEXT.set_forkserver_preload(ENTRY_MODULES)
 
 
 def _main(module: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
-    """The forked child: become ``python -m module args`` with stdout/stderr in files, then exit as it would."""
+    """The forked child: become ``python -m module args`` (``module`` "-c:<code>": ``python -c code args``)
+    with stdout/stderr in files, then exit as it would."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -37,13 +38,18 @@ def _main(module: str, args: list[str], cwd: str, env: dict[str, str], out: str,
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
-    sys.argv = [module, *args]
+    sys.argv = ["-c" if module.startswith("-c:") else module, *args]
     # the forkserver made this process the multiprocessing way; a `python -m` run on Linux forks its workers
     multiprocessing.set_start_method("fork", force=True)
     sys.modules.pop(module, None)  # as under `python -m`: the module runs as __main__ only
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module.startswith("-c:"):
+            main = types.ModuleType("__main__")  # what `python -c` runs the code in (pickling finds it there)
+            sys.modules["__main__"] = main
+            exec(compile(module[3:], "<string>", "exec"), main.__dict__)
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         if not isinstance(stop.code, int | None):
@@ -63,7 +69,7 @@ class ForkedRun:
     """A started entry-module run with the parts of ``subprocess.Popen`` tests use."""
 
     def __init__(self, module: str, args: list[str], cwd: Path, env: dict[str, str], out: Path, err: Path) -> None:
-        self.args = [sys.executable, "-m", module, *args]
+        self.args = [sys.executable, *(["-c", module[3:]] if module.startswith("-c:") else ["-m", module]), *args]
         self.out, self.err = out, err
         self._process = _CONTEXT.Process(target=_main, args=(module, list(args), str(cwd), env, str(out), str(err)))
         # multiprocessing would re-run this process's main module (pytest's) in the child first: hide it
@@ -100,7 +106,8 @@ class ForkedRun:
 
 
 def start(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None) -> ForkedRun:
-    """Start ``python -m module args`` in ``cwd``; stdout and stderr both go to ``log`` when given."""
+    """Start ``python -m module args`` (``module`` "-c:<code>": ``python -c code args``) in ``cwd``; stdout and
+    stderr both go to ``log`` when given."""
     env = dict(os.environ if env is None else env)
     if log is None:
         folder = Path(tempfile.mkdtemp(prefix="forkrun-"))

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from src.utils.cli import unique_dir
 from src.utils.errors import DatasetError
 from src.utils.io import DiskFullError, atomic_write, write_csv
 from src.utils.log_files import ResilientFileHandler
+from tests import forkrun
 from tests.conftest import REPO, make_imagefolder
 
 SMALL = {"train_transforms": [], "eval_transforms": [], "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -151,14 +151,16 @@ def children(pid: int) -> list[int]:
 def test_a_run_stopped_during_preflight_leaves_no_worker_behind(tmp_path, signum):
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
-    proc = subprocess.Popen([sys.executable, "-c", SCAN, str(image)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "scan.log"
+    proc = forkrun.start(f"-c:{SCAN}", str(image), cwd=REPO, log=log)  # its own process, imports already done
     deadline = time.monotonic() + 60
     while len(workers := children(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(workers) >= 2, "the scan started no pool workers"
     time.sleep(0.5)
     os.kill(proc.pid, signum)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(60)
+    err = log.read_text(errors="replace")
     assert proc.returncode == (143 if signum == signal.SIGTERM else -signal.SIGKILL), err[-2000:]
     if signum == signal.SIGTERM:
         assert "Stopped by SIGTERM" in err and "Traceback" not in err

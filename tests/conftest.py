@@ -40,6 +40,14 @@ def make_imagefolder(root: Path, classes=("ants", "bees"), per_split=None, size=
     return root
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start the forkserver of tests/forkrun.py now: it imports the entry modules on the other core while
+    the first in-process tests run."""
+    from tests import forkrun
+
+    forkrun.warm_up()
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     return make_imagefolder(tmp_path / "tiny")

@@ -132,3 +132,10 @@ def run(
         raise subprocess.TimeoutExpired(proc.args, time.monotonic() - started) from None
     stdout, stderr = proc.output()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def warm_up() -> None:
+    """Start the forkserver (it imports ENTRY_MODULES in the background); the first run then starts at once."""
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()

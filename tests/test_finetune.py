@@ -187,7 +187,10 @@ def test_lite0_ft_reaches_093_on_hymenoptera(hymenoptera, tmp_path):
     proc = run_cli(
         "experiment=lite0_ft",
         f"data.root={hymenoptera}",
-        "trainer.max_epochs=5",  # through the first all-groups epoch (4); the acceptance check runs 6
+        # lite0_ft's stages (head, last 2 groups, all) one epoch each: 0.9477 measured; the acceptance check
+        # runs the experiment's own 6-epoch schedule
+        "trainer.max_epochs=3",
+        "model.finetune.schedule=[{epoch: 1, groups: 2},{epoch: 2, groups: all}]",
         f"hydra.run.dir={run_dir}",
         scratch=tmp_path,
     )

@@ -19,7 +19,7 @@ from src.models.backbones import build_backbone
 from src.models.layer_groups import layer_groups
 from src.models.schedules import WarmupCosine
 from src.utils.errors import ConfigError
-from tests.conftest import run_cli
+from tests.conftest import make_imagefolder, run_cli
 from tests.factories import tiny_datamodule, tiny_model, tiny_trainer
 
 SMALL = [T.Resize(32), T.CenterCrop(32)]
@@ -139,13 +139,20 @@ def resume(data: Path, root: Path, first_epochs: int, total: int):
     return model, trainer, probe
 
 
-@pytest.mark.parametrize("stop_after", [2, 3])  # after the first unfreeze (epoch 1), after the second (epoch 2)
-def test_resume_rebuilds_param_groups_by_name_with_their_state(tiny_data, tmp_path, stop_after):
-    model, dm, trainer, probe = make_run(tiny_data, tmp_path / "straight", max_epochs=5)
+@pytest.fixture(scope="module")
+def straight_groups(tmp_path_factory) -> tuple[Path, list]:
+    """(data, the optimizer's final param groups) of an uninterrupted 5-epoch fine-tuning run."""
+    root = tmp_path_factory.mktemp("straight")
+    data = make_imagefolder(root / "tiny")
+    model, dm, trainer, probe = make_run(data, root / "run", max_epochs=5)
     trainer.fit(model, datamodule=dm)
-    straight = probe.groups[-1]
+    return data, probe.groups[-1]
 
-    resumed_model, resumed, rprobe = resume(tiny_data, tmp_path / "resumed", stop_after, 5)
+
+@pytest.mark.parametrize("stop_after", [2, 3])  # after the first unfreeze (epoch 1), after the second (epoch 2)
+def test_resume_rebuilds_param_groups_by_name_with_their_state(straight_groups, tmp_path, stop_after):
+    data, straight = straight_groups
+    resumed_model, resumed, rprobe = resume(data, tmp_path / "resumed", stop_after, 5)
     assert len(rprobe.groups) == 5 - stop_after  # goes on from the next epoch, none repeated
     assert rprobe.groups[-1] == straight  # same names, same order, same learning rates
     opt = resumed.optimizers[0]

@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import BaseFinetuning
 from omegaconf import DictConfig, OmegaConf
 
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
@@ -88,6 +89,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _convert_="all",
     )
     callbacks, loggers = instantiate_each(cfg.get("callbacks")), instantiate_each(cfg.get("logger"))
+    if not any(isinstance(c, BaseFinetuning) for c in callbacks):
+        log.warning(
+            "No finetuning callback (model.finetune or callbacks.finetune is off): nothing is frozen, every backbone "
+            "parameter trains at the head's learning rate and the feature cache is not used."
+        )
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launch(trainer)
 

@@ -321,3 +321,32 @@ def test_last_means_where_the_run_stopped_even_when_last_ckpt_was_never_written(
     (ckpts / "last.ckpt").write_bytes(b"torn")  # a damaged last.ckpt is an error, never skipped over
     with pytest.raises(UserError, match="last.ckpt is corrupt.*epoch_000.ckpt"):
         resume_checkpoint("last", ckpts)
+
+
+def test_a_fresh_run_in_an_old_run_folder_starts_from_scratch(small_data, tmp_path):
+    """ckpt_path=null means a fresh run even where last.ckpt exists: resuming is asked for, and then checked."""
+    other = make_imagefolder(tmp_path / "other", per_split={"train": 8, "val": 4}, size=(96, 72), seed=5)
+    base = [*FE, "trainer.max_epochs=2"]
+    train_in(tmp_path / "run", *base, f"data.root={small_data}")
+    # other images, same classes, same folder: Lightning resumes an OnExceptionCheckpoint's file here, unchecked
+    again = train_in(tmp_path / "run", *base, f"data.root={other}")
+    fresh = train_in(tmp_path / "elsewhere", *base, f"data.root={other}")
+    assert [h["epoch"] for h in again["history"]] == [1, 2]
+    for a, b in zip(fresh["history"], again["history"], strict=True):
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6 and abs(a["val/loss"] - b["val/loss"]) <= 1e-6
+
+
+def test_a_sigterm_in_the_first_epoch_leaves_one_last_ckpt_after_the_resume(small_data, tmp_path):
+    """The SIGTERM save writes last.ckpt before ModelCheckpoint ever did: the resumed run overwrites it (no
+    last-v1.ckpt beside a stale last.ckpt that a later ckpt_path=last would pick; with ModelCheckpoint's
+    enable_version_counter=true this fails: checked)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    base = [*FE, f"data.root={small_data}", "trainer.max_epochs=2", "model.cache.train_views=0"]
+    with pytest.raises(SIGTERMException):
+        train_in(tmp_path / "run", *base, *interrupt("sigterm", 1))
+    train_in(tmp_path / "run", *base, "ckpt_path=last")
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert not any("-v" in n for n in names), names
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 8  # 2 epochs of 16 images in 4 batches: the finished run

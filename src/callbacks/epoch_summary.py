@@ -72,5 +72,5 @@ def monitored_best(trainer: Trainer, history: list[dict[str, float]]) -> tuple[s
 
 
 def model_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
-    """The run's first ModelCheckpoint: ``trainer.checkpoint_callback`` may be the SIGTERM save (a Checkpoint too)."""
+    """The run's first ModelCheckpoint (``trainer.checkpoint_callback`` is any first Checkpoint callback)."""
     return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)

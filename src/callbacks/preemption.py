@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import Metric
 
@@ -31,12 +31,17 @@ from src.utils.lightning_compat import (
 log = logging.getLogger(__name__)
 
 
-class SaveOnSigterm(OnExceptionCheckpoint):
-    """Lightning's OnExceptionCheckpoint for SIGTERM only, writing ``<dirpath>/last.ckpt`` (atomically, through
-    the trainer's CheckpointIO) unless ModelCheckpoint's last.ckpt is already current; kept after the run."""
+class SaveOnSigterm(Callback):
+    """On SIGTERM, write ``<dirpath>/last.ckpt`` (atomically, through the trainer's CheckpointIO) unless
+    ModelCheckpoint's last.ckpt is already current.
+
+    Not Lightning's OnExceptionCheckpoint, although it does the same job for one exception: the trainer treats a
+    run holding one as resumable from its file whenever ``ckpt_path`` is None, so a fresh run in an old run
+    folder would silently continue from it, past the project's resume checks (other classes, other data).
+    """
 
     def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
-        super().__init__(dirpath, filename)
+        self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
         self._saving = False
         self._deferred = False
 
@@ -71,7 +76,7 @@ class SaveOnSigterm(OnExceptionCheckpoint):
         else:
             self._saving = True
             try:
-                super().on_exception(trainer)
+                trainer.save_checkpoint(self.ckpt_path)
             finally:
                 self._saving = False
         log.warning(
@@ -80,10 +85,6 @@ class SaveOnSigterm(OnExceptionCheckpoint):
             trainer.current_epoch + 1,
             batches_done_this_epoch(trainer),
         )
-
-    def teardown(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
-        """Keep last.ckpt: OnExceptionCheckpoint deletes its file after a run that ends well, but here it is
-        ModelCheckpoint's last.ckpt, the place a later run resumes from."""
 
     @staticmethod
     def _save_from_rank_zero(trainer: Trainer, path: Path) -> None:

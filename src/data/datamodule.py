@@ -137,6 +137,9 @@ class ImageFolderDataModule(LightningDataModule):
         """
         if self.prepare is None:
             return
+        if self.root.exists():  # ready (or the prepare step's own business): no lock file beside a user's folder
+            self.prepare(self.root)
+            return
         lock = FileLock(self.root.parent / f".{self.root.name}.prepare.lock")
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from src.data.images import load_rgb
 from src.inference.checkpoint import UnsafeCheckpointError, load_trained, read_checkpoint
 from src.utils.errors import UserError
 from tests import forkrun
-from tests.conftest import REPO, make_imagefolder, run_cli
+from tests.conftest import REPO, SMALL_IMAGES, make_imagefolder, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,12 @@ def trained(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("use")
     data = make_imagefolder(tmp / "data", per_split={"train": 6, "val": 4, "test": 3}, size=(80, 60))
     proc = run_cli(
-        "experiment=lite0_fe", f"data.root={data}", "trainer.max_epochs=1", f"hydra.run.dir={tmp / 'run'}", scratch=tmp
+        *SMALL_IMAGES,  # the checkpoint records them: eval, predict and export use what it says
+        "experiment=lite0_fe",
+        f"data.root={data}",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp / 'run'}",
+        scratch=tmp,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp / "run" / "summary.json").read_text())
@@ -194,6 +199,7 @@ def test_hyperparameters_naming_code_are_refused(tmp_path, hparams):
 def test_a_run_resumes_from_its_slim_checkpoint(trained):
     run_dir = trained["tmp"] / "run"
     proc = run_cli(
+        *SMALL_IMAGES,
         "experiment=lite0_fe",
         f"data.root={trained['data']}",
         "trainer.max_epochs=2",

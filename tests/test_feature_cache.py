@@ -12,7 +12,6 @@ from torchvision import transforms as T
 
 from src.callbacks.feature_cache import FeatureCache
 from src.callbacks.finetuning import BackboneFinetuning
-from src.data.datamodule import ImageFolderDataModule
 from src.data.features import ViewSampler
 from tests.factories import tiny_datamodule, tiny_model, tiny_trainer
 
@@ -154,36 +153,13 @@ def test_view_sampler_draws_each_image_once_per_epoch():
 
 
 @pytest.mark.slow
-def test_head_trained_on_fp32_features_agrees_on_bf16_features(hymenoptera):
+def test_head_trained_on_fp32_features_agrees_on_bf16_features(lite0_on_hymenoptera):
     """bf16 + channels_last features change ≤ 2% of a trained head's predictions (lite0, hymenoptera val)."""
-    from src.models.backbones import build_backbone, weights_preprocessing
     from src.models.head import build_head
 
-    backbone = build_backbone("efficientnet_lite0", "DEFAULT")
-    net = backbone.module.eval()
-    recipe_eval = [T.Resize(256), T.CenterCrop(224)]
-    weights = weights_preprocessing("efficientnet_lite0")
-    dm = ImageFolderDataModule(  # JPEG draft decoding as the config's default (conf/data/imagefolder.yaml)
-        hymenoptera, recipe_eval, recipe_eval, weights.mean, weights.std, num_workers=2, decode_min_side=512
-    )
-    dm.setup("fit")
-    dm.datasets["train"].transform = dm.eval_transform
-
-    def embed(split: str, with_bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """fp32 features (and bf16 + channels_last ones of the same decoded images), labels."""
-        fp32, bf16, labels = [], [], []
-        with torch.inference_mode():
-            for x, y in dm.image_loader(split, 32):
-                fp32.append(net.to(memory_format=torch.contiguous_format)(x).float())
-                if with_bf16:
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        fast = net.to(memory_format=torch.channels_last)
-                        bf16.append(fast(x.contiguous(memory_format=torch.channels_last)).float())
-                labels.append(y)
-        return torch.cat(fp32), torch.cat(labels), torch.cat(bf16) if with_bf16 else None
-
-    train_x, train_y, _ = embed("train", with_bf16=False)
-    val32, val_y, val16 = embed("val", with_bf16=True)
+    train_x, train_y = lite0_on_hymenoptera["train"]
+    val32, val_y = lite0_on_hymenoptera["val"]
+    val16 = lite0_on_hymenoptera["val_bf16"]
     torch.manual_seed(0)
     head = build_head(train_x.shape[1], 2, hidden_dim=256, dropout=0.4)
     opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)

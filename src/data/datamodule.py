@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,18 +138,25 @@ class ImageFolderDataModule(LightningDataModule):
         """
         if self.prepare is None:
             return
-        if self.root.exists():  # ready (or the prepare step's own business): no lock file beside a user's folder
+        with self._prepare_lock():
             self.prepare(self.root)
+
+    @contextmanager
+    def _prepare_lock(self) -> Iterator[None]:
+        """Hold the lock beside an absent root; none beside an existing root (ready, or the prepare step's own
+        business: no lock file in a user's folder) or where nothing can be written (nothing races there)."""
+        if self.root.exists():
+            yield
             return
         lock = FileLock(self.root.parent / f".{self.root.name}.prepare.lock")
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-        except OSError:  # a read-only place: no process can write the data there, so none races another
-            self.prepare(self.root)
+        except OSError:
+            yield
             return
         try:
-            self.prepare(self.root)
+            yield
         finally:
             lock.release()
 

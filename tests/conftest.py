@@ -76,9 +76,9 @@ def cfg_train(tmp_path: Path, tiny_data: Path):
 
 @pytest.fixture(scope="session")
 def lite0_on_hymenoptera() -> dict:
-    """The packaged efficientnet_lite0 (its ImageNet classifier kept aside) over hymenoptera with the recipe's
-    eval transforms, each image decoded once: fp32 pooled features of train and val, bf16 + channels_last
-    features of val, labels, class_to_idx and the classifier. Shared by the tests that need lite0 on real data."""
+    """The packaged efficientnet_lite0 (its ImageNet classifier kept aside) over hymenoptera's val images with
+    the recipe's eval transforms, each image decoded once: fp32 and bf16 + channels_last pooled features,
+    labels, class_to_idx and the classifier. Shared by the tests that need lite0 on real data."""
     import torch
     from torchvision import transforms as T
 
@@ -97,21 +97,17 @@ def lite0_on_hymenoptera() -> dict:
         HYMENOPTERA, recipe_eval, recipe_eval, weights.mean, weights.std, num_workers=2, decode_min_side=512
     )
     dm.setup("fit")
-    dm.datasets["train"].transform = dm.eval_transform
     out: dict = {"classifier": classifier.eval(), "class_to_idx": dm.datasets["val"].class_to_idx}
+    fp32, bf16, labels = [], [], []
     with torch.inference_mode():
-        for split in ("train", "val"):
-            fp32, bf16, labels = [], [], []
-            for x, y in dm.image_loader(split, 32):
-                fp32.append(net.to(memory_format=torch.contiguous_format)(x).float())
-                if split == "val":
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        fast = net.to(memory_format=torch.channels_last)
-                        bf16.append(fast(x.contiguous(memory_format=torch.channels_last)).float())
-                labels.append(y)
-            out[split] = (torch.cat(fp32), torch.cat(labels))
-            if bf16:
-                out["val_bf16"] = torch.cat(bf16)
+        for x, y in dm.image_loader("val", 32):
+            fp32.append(net.to(memory_format=torch.contiguous_format)(x).float())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fast = net.to(memory_format=torch.channels_last)
+                bf16.append(fast(x.contiguous(memory_format=torch.channels_last)).float())
+            labels.append(y)
+    out["val"] = (torch.cat(fp32), torch.cat(labels))
+    out["val_bf16"] = torch.cat(bf16)
     return out
 
 

@@ -42,10 +42,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> Path:
-    """The no-argument default (synthetic shapes, efficientnet_lite0), shortened to 2 epochs."""
+    """The no-argument default (synthetic shapes, efficientnet_lite0), shortened to 2 epochs on a third of the
+    shapes (10 + 5 per class)."""
     tmp = tmp_path_factory.mktemp("default")
     run_dir = tmp / "run"
-    proc = run_cli("trainer.max_epochs=2", f"paths.data_dir={tmp / 'data'}", f"hydra.run.dir={run_dir}", scratch=tmp)
+    fewer = ["data.prepare.train_per_class=10", "data.prepare.val_per_class=5"]
+    proc = run_cli(
+        "trainer.max_epochs=2", *fewer, f"paths.data_dir={tmp / 'data'}", f"hydra.run.dir={run_dir}", scratch=tmp
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 

@@ -154,12 +154,13 @@ def test_view_sampler_draws_each_image_once_per_epoch():
 
 @pytest.mark.slow
 def test_head_trained_on_fp32_features_agrees_on_bf16_features(lite0_on_hymenoptera):
-    """bf16 + channels_last features change ≤ 2% of a trained head's predictions (lite0, hymenoptera val)."""
+    """bf16 + channels_last features change ≤ 2% of a trained head's predictions (lite0, hymenoptera val: the
+    head trains on the fp32 features of every other image and is judged on all of them)."""
     from src.models.head import build_head
 
-    train_x, train_y = lite0_on_hymenoptera["train"]
     val32, val_y = lite0_on_hymenoptera["val"]
     val16 = lite0_on_hymenoptera["val_bf16"]
+    train_x, train_y = val32[::2], val_y[::2]
     torch.manual_seed(0)
     head = build_head(train_x.shape[1], 2, hidden_dim=256, dropout=0.4)
     opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)

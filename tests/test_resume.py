@@ -227,6 +227,19 @@ def small_data(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("small") / "data", per_split={"train": 8, "val": 4}, size=(96, 72))
 
 
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """The summary of an uninterrupted run with these overrides, trained once per module."""
+    done: dict[tuple[str, ...], dict] = {}
+
+    def straight(*overrides: str) -> dict:
+        if overrides not in done:
+            done[overrides] = train_in(tmp_path_factory.mktemp("straight"), *overrides)
+        return done[overrides]
+
+    return straight
+
+
 FE = [*SMALL_IMAGES, "experiment=lite0_fe", "data.batch_size=4"]
 FT = [
     *SMALL_IMAGES,
@@ -261,12 +274,12 @@ def interrupt(kind: str, epoch: int) -> list[str]:
     ids=["fe-default-cache", "fe-default-cache-mid-epoch", "finetune-every-stage", "finetune-mid-epoch"],
 )
 def test_resume_is_exact_with_the_default_cache_and_at_every_fine_tuning_stage(
-    small_data, tmp_path, args, interruptions
+    small_data, straight_runs, tmp_path, args, interruptions
 ):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     base = [*args, f"data.root={small_data}", "seed=11"]
-    straight = train_in(tmp_path / "straight", *base)
+    straight = straight_runs(*base)
     for i, (kind, epoch) in enumerate(interruptions):
         resume = ["ckpt_path=last"] if i else []
         if kind == "stop":

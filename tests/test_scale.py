@@ -25,50 +25,44 @@ def test_ddp_cpu_matches_one_process_writes_one_set_of_outputs_and_resumes_after
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     one = run_cli(*PARITY, f"data.root={data}", "data.batch_size=8", f"hydra.run.dir={single}", scratch=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(
-        *PARITY,
-        f"data.root={data}",
-        "trainer=ddp_cpu",
-        "data.batch_size=4",
-        f"hydra.run.dir={ddp}",
-        scratch=tmp_path / "fresh",  # its own feature cache: built here, by rank zero
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
 
+    # two ranks of 4 images a step: SIGTERM to rank zero mid-epoch (as a scheduler sends it; Lightning forwards
+    # it to rank 1): last.ckpt from rank zero, status 143, no process left behind; then the resume
+    ddp_args = [*PARITY, f"data.root={data}", "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={ddp}"]
+    signal_at = ["+callbacks.signal_at._target_=tests.signals.SignalAt", "+callbacks.signal_at.epoch=1"]
+    fresh = tmp_path / "fresh"  # its own feature cache: built by rank zero of the first launch
+    stopped = run_cli(*ddp_args, *signal_at, "+callbacks.signal_at.batch=1", scratch=fresh)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM: saved" in stopped.stdout + stopped.stderr
+    assert not (ddp / "summary.json").exists()
+    resumed = run_cli(*ddp_args, "ckpt_path=last", scratch=fresh)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # the interrupted and resumed two-process run ends where one process does (stated tolerance: equal
+    # accuracy, losses within 1e-5; train/loss of the interrupted epoch counts the resumed steps only)
     a = json.loads((single / "summary.json").read_text())["history"]
     b = json.loads((ddp / "summary.json").read_text())["history"]
     assert len(a) == len(b) == 3
-    for x, y in zip(a, b, strict=True):
-        assert x["val/acc"] == y["val/acc"]  # stated tolerance: equal accuracy, val/loss within 1e-5
+    for epoch, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x["val/acc"] == y["val/acc"]
         assert abs(x["val/loss"] - y["val/loss"]) <= 1e-5, (x, y)
-        assert abs(x["train/loss"] - y["train/loss"]) <= 1e-5, (x, y)
+        assert epoch == 1 or abs(x["train/loss"] - y["train/loss"]) <= 1e-5, (x, y)
+    wa = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    wb = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys()
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= 1e-5
 
     # one set of outputs, from rank zero
     assert [p.relative_to(ddp) for p in ddp.rglob("summary.json")] == [Path("summary.json")]
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["epoch_002.ckpt", "last.ckpt"]
-    assert len(list((ddp / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list((ddp / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per launch
     assert sorted(p.name for p in ddp.glob("*.csv")) == ["duplicates.csv", "skipped_files.csv", "split.csv"]
     log = (ddp / "train.log").read_text()
-    # built once by rank zero, read by rank 1 (whose log lines land in the same train.log)
+    # built once by rank zero, read by rank 1 (whose log lines land in the same train.log); both ranks of the
+    # resumed launch read it
     assert log.count("Embedded val") == 1 and log.count("Embedded train view 0") == 1
-    assert log.count("Feature cache hit") == 2
-
-    # SIGTERM to rank zero mid-epoch (as a scheduler sends it; Lightning forwards it to rank 1): last.ckpt
-    # from rank zero, status 143, no process left behind; the resumed run ends where the uninterrupted one did
-    stopped_dir = tmp_path / "ddp_stopped"
-    ddp_args = [*PARITY, f"data.root={data}", "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={stopped_dir}"]
-    signal_at = ["+callbacks.signal_at._target_=tests.signals.SignalAt", "+callbacks.signal_at.epoch=1"]
-    stopped = run_cli(*ddp_args, *signal_at, "+callbacks.signal_at.batch=1", scratch=tmp_path / "fresh")
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert "SIGTERM: saved" in stopped.stdout + stopped.stderr
-    resumed = run_cli(*ddp_args, "ckpt_path=last", scratch=tmp_path / "fresh")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    c = json.loads((stopped_dir / "summary.json").read_text())["history"]
-    assert [h["val/loss"] for h in c] == [h["val/loss"] for h in b]  # train/loss of epoch 2: after the resume only
-    wb = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    wc = torch.load(stopped_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert max((wb[k] - wc[k]).abs().max().item() for k in wb) == 0.0
-    assert log.count("CONFIG") == 1
+    assert log.count("Feature cache hit") == 6  # val and train: rank 1 of the first launch, both of the second
+    assert log.count("CONFIG") == 2  # once per launch: rank zero only
 
 
 # --------------------------------------------------------------------------------------- composition

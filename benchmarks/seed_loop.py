@@ -16,13 +16,13 @@ from torch import nn
 from torchvision import datasets
 from torchvision import transforms as T
 
-from src.models.backbones import efficientnet_lite0, torchvision_model, weights_preprocessing
+from src.models.backbones import packaged_efficientnet_lite, torchvision_model, weights_preprocessing
 
 
 def seed_model(name: str, pretrained: bool) -> tuple[nn.Module, str]:
     """The backbone with its ImageNet classifier, and the attribute holding that classifier."""
-    if name == "efficientnet_lite0":
-        return efficientnet_lite0("DEFAULT" if pretrained else None)[0], "classifier"
+    if name.startswith("efficientnet_lite"):
+        return packaged_efficientnet_lite(name, "DEFAULT" if pretrained else None)[0], "classifier"
     return torchvision_model(name, "DEFAULT" if pretrained else None)[0], "fc"
 
 

@@ -22,6 +22,7 @@ from src.data.listing import ImageList, folder_samples
 from src.data.preflight import Scan, drop_samples, ignored_files, scan
 from src.inference.checkpoint import load_trained
 from src.inference.evaluate import evaluate_split, write_reports
+from src.inference.tta import check_tta
 from src.utils.cli import pick_device, report_user_errors
 from src.utils.errors import DatasetError
 from src.utils.io import write_csv
@@ -32,6 +33,7 @@ log = logging.getLogger("src.eval")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 @report_user_errors
 def main(cfg: DictConfig) -> float:
+    check_tta(cfg.get("tta"))
     device = pick_device(cfg.device)
     trained = load_trained(cfg.ckpt_path, device)
     hparams, classes = trained.hparams, trained.classes
@@ -85,8 +87,9 @@ def main(cfg: DictConfig) -> float:
             f"content under the same name): its scores would not be that run's.\n{listing}"
         )
     model = trained.model
-    metrics, log_probs, labels = evaluate_split(model, dataset, classes, cfg.data.batch_size, workers, device)
-    metrics.update(checkpoint=str(cfg.ckpt_path), data_root=str(root), split=split)
+    tta = cfg.get("tta")
+    metrics, log_probs, labels = evaluate_split(model, dataset, classes, cfg.data.batch_size, workers, device, tta)
+    metrics.update(checkpoint=str(cfg.ckpt_path), data_root=str(root), split=split, tta=tta)
     pre = hparams["preprocessing"]
     write_reports(out_dir, metrics, log_probs, labels, dataset, classes, pre["mean"], pre["std"], cfg.grid_size)
     return metrics["accuracy"]

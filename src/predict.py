@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from src.data.images import load_rgb
 from src.data.preflight import not_a_regular_file
 from src.inference.checkpoint import load_trained
+from src.inference.tta import check_tta, predict_log_probs
 from src.utils.cli import pick_device, report_user_errors
 from src.utils.errors import ConfigError, UserError
 from src.utils.io import write_csv
@@ -45,6 +46,7 @@ def main(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}.")
+    check_tta(cfg.get("tta"))
     device = pick_device(cfg.device)
     trained = load_trained(cfg.ckpt_path, device)
     model, classes, transform = trained.model, trained.classes, trained.transform
@@ -66,7 +68,8 @@ def main(cfg: DictConfig) -> None:
         if not batch:
             continue
         with torch.inference_mode():
-            probs = model(torch.stack(batch).to(device)).float().exp().cpu()  # LogSoftmax out: exp sums to 1
+            # LogSoftmax out: exp sums to 1
+            probs = predict_log_probs(model, torch.stack(batch).to(device), cfg.get("tta")).exp().cpu()
         top_p, top_i = probs.topk(k, dim=1)
         for path, p, i in zip(paths, top_p, top_i, strict=True):
             rows.append(

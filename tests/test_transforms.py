@@ -17,6 +17,8 @@ from tests.conftest import REPO
 
 @pytest.fixture(scope="module")
 def data_cfg():
+    import src.train  # noqa: F401  (registers the config's resolvers)
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=["experiment=lite0_fe"]).data
 
@@ -40,13 +42,16 @@ def test_eval_transforms_are_the_recipe(data_cfg):
     steps = instantiate(data_cfg.eval_transforms, _convert_="all")
     assert [type(s) for s in steps] == [T.Resize, T.CenterCrop]
     assert steps[0].size == 256 and steps[1].size == (224, 224)
+    assert steps[0].interpolation == T.InterpolationMode.BILINEAR  # the seed's Resize(256)
     assert data_cfg.batch_size == 32
 
 
-def test_datamodule_appends_totensor_and_the_backbones_normalization(data_cfg, tiny_data):
-    dm = instantiate(
-        data_cfg, root=str(tiny_data), mean=[0.5] * 3, std=[0.5] * 3, preflight_cache_dir=None, _convert_="all"
-    )
+def test_datamodule_appends_totensor_and_the_backbones_normalization(tiny_data):
+    from src.train import instantiate_datamodule
+    from tests.conftest import compose_train_cfg
+
+    cfg = compose_train_cfg(tiny_data.parent / "out", "experiment=lite0_fe", f"data.root={tiny_data}")
+    dm = instantiate_datamodule(cfg)  # data.mean/std null: the weights' own (lite0's TF release: 0.5)
     last_two = dm.train_transform.transforms[-2:]
     assert isinstance(last_two[0], T.ToTensor) and isinstance(last_two[1], T.Normalize)
     assert last_two[1].mean == [0.5] * 3 and last_two[1].std == [0.5] * 3

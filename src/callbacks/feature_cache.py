@@ -77,6 +77,12 @@ class FeatureCache(Callback):
         if self.finetuner is None or not self.finetuner.keeps_backbone_frozen:
             log.info("Feature cache not used: the backbone trains in this run (no frozen-backbone finetuning)")
             return
+        if self.train_views > 0 and getattr(pl_module, "mixes_images", False):
+            raise ConfigError(
+                "model.mixup / model.cutmix mix images, but with a frozen backbone the feature cache trains the head "
+                "on features: set model.cache.enabled=false (images through the frozen backbone every epoch), "
+                "model.cache.train_views=0, or fine-tune (model.finetune.schedule)."
+            )
         dm = trainer.datamodule
         self.sets["val"] = FeatureSet(len(dm.datasets["val"]))
         dm.use_features("val", self.sets["val"], batch_size=self.eval_batch_size)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning, WeightAveraging
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
@@ -57,6 +57,13 @@ class BackboneFinetuning(BaseFinetuning):
         return not self.schedule
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        averaging = any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
+        if stage == "fit" and averaging and self.keeps_backbone_frozen and pl_module.hparams.get("slim_checkpoint"):
+            raise ConfigError(
+                "Weight averaging (callbacks=ema) keeps the model's full weights in every checkpoint, which slim "
+                "checkpoints of a frozen backbone leave out: set model.slim_checkpoint=false, or use it for "
+                "fine-tuning (model.finetune.schedule)."
+            )
         super().setup(trainer, pl_module, stage)  # freeze_before_training
         self.apply_bn_policy(pl_module)
 

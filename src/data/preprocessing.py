@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torchvision
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 
@@ -25,6 +26,9 @@ EVAL_TRANSFORMS: tuple[type, ...] = (T.Resize, T.CenterCrop, T.Pad, T.Grayscale)
 # a safety bound, not a setting: no sizes or paddings beyond it (a file asking for 40000 px would exhaust memory)
 MAX_PIXELS_PER_SIDE = 4096
 DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+# resampling filters by name, as PIL numbers them: torchvision transforms take the number, and a checkpoint
+# records plain values
+PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 class UnsafeTransformError(UserError):
@@ -45,6 +49,20 @@ def resolve_transform(name: str) -> type:
     if not any(obj is cls for cls in EVAL_TRANSFORMS):
         raise UnsafeTransformError(f"Eval transform {name!r} is not one of the allowed transforms ({allowed}).")
     return obj
+
+
+def pil_filter(name: Any) -> int:
+    """PIL's number for resampling filter ``name`` (the ``${pil_filter:...}`` config resolver)."""
+    if name not in PIL_FILTERS:
+        raise ConfigError(
+            f"data.interpolation must be one of {', '.join(PIL_FILTERS)}, got {name!r} (null is filled from the "
+            "backbone weights by src.train before the transforms are built)."
+        )
+    return PIL_FILTERS[name]
+
+
+# data.*_transforms: interpolation: ${pil_filter:${data.interpolation}}
+OmegaConf.register_new_resolver("pil_filter", pil_filter, replace=True)
 
 
 def numbers_within(value: Any, limit: int) -> bool:

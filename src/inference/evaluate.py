@@ -17,17 +17,21 @@ from torchmetrics.classification import (
 )
 from torchvision.utils import make_grid, save_image
 
+from src.inference.tta import predict_log_probs
 from src.utils.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def log_probs_of(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model outputs (log-probabilities) and labels over a loader, on the CPU."""
+def log_probs_of(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, tta: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model outputs (log-probabilities; with ``tta``, over its averaged views) and labels over a loader, on
+    the CPU."""
     outs, labels = [], []
     for x, y in loader:
-        outs.append(model(x.to(device)).float().cpu())
+        outs.append(predict_log_probs(model, x.to(device), tta).cpu())
         labels.append(y)
     return torch.cat(outs), torch.cat(labels)
 
@@ -63,10 +67,11 @@ def evaluate_split(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    tta: str | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Metrics of ``model`` on ``dataset``, plus its outputs and labels."""
+    """Metrics of ``model`` on ``dataset`` (test-time augmented with ``tta``), plus its outputs and labels."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    log_probs, labels = log_probs_of(model, loader, device)
+    log_probs, labels = log_probs_of(model, loader, device, tta)
     return compute_metrics(log_probs, labels, class_names), log_probs, labels
 
 

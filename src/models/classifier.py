@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.models.backbones import build_backbone, check_backbone_name
+from src.models.batch_mix import build_batch_mix
 from src.models.head import build_head, check_head
 from src.models.schedules import build_schedule, check_schedule
 from src.utils.errors import ConfigError, UserError
@@ -50,18 +51,28 @@ class TransferClassifier(LightningModule):
         data_root: str | None = None,
         data_fingerprint: str | None = None,
         loss: dict[str, Any] | None = None,
+        mixup: dict[str, Any] | None = None,
+        cutmix: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        check_model_config(backbone, head, optimizer, scheduler)
+        check_model_config(backbone, head, optimizer, scheduler, loss)
         weights = check_class_weights((loss or {}).get("class_weights"), len(class_names))
+        smoothing = float((loss or {}).get("label_smoothing") or 0.0)
         self.save_hyperparameters()
-        built = build_backbone(backbone["name"], backbone.get("weights"))
+        built = build_backbone(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", 5.0))
         self.channels_last = bool(backbone.get("channels_last", False))
         self.backbone = built.module.to(memory_format=torch.channels_last) if self.channels_last else built.module
         self.head = build_head(built.feature_dim, len(class_names), **head)
-        # the seed's NLLLoss; with class weights each sample counts by its class's weight (a weighted mean).
-        # The weights come from the config, not the checkpoint (a non-persistent buffer): a resume may change them
-        self.criterion = nn.NLLLoss()
+        # images mixed in pairs (MixUp/CutMix; training batches of images only) and their soft targets
+        self.batch_mix = build_batch_mix(
+            (mixup or {}).get("alpha", 0.0), (cutmix or {}).get("alpha", 0.0), len(class_names)
+        )
+        # the seed's NLLLoss. Label smoothing or soft targets: cross-entropy on the head's log-probabilities,
+        # which is the smoothed NLL (log_softmax leaves log-probabilities as they are); the same as NLLLoss at 0.
+        # With class weights each sample counts by its class's weight (a weighted mean). The weights come from
+        # the config, not the checkpoint (a non-persistent buffer): a resume may change them
+        soft = smoothing > 0 or self.batch_mix is not None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing) if soft else nn.NLLLoss()
         if weights is not None:
             self.criterion.register_buffer("weight", torch.tensor(weights), persistent=False)
         self.weights_sha256 = built.weights_sha256
@@ -105,10 +116,19 @@ class TransferClassifier(LightningModule):
 
     # ------------------------------------------------------------------------------------------- steps
 
+    @property
+    def mixes_images(self) -> bool:
+        """True when training batches of images are mixed in pairs (MixUp/CutMix): cached features can't be."""
+        return self.batch_mix is not None
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
+        target = y
+        if stage == "train" and self.batch_mix is not None and x.ndim == 4:
+            x, target = self.batch_mix(x, y)  # soft targets; accuracy counts each image's larger share
+            y = target.argmax(dim=1)
         log_probs = self.head(x) if x.ndim == 2 else self(x)  # N×D: cached backbone features
-        loss = self.criterion(log_probs, y)
+        loss = self.criterion(log_probs, target)
         if stage == "train" and not torch.isfinite(loss):
             trainer = attached_trainer(self)
             lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None else None
@@ -231,6 +251,9 @@ def check_model_config(
     check_head(head.get("hidden_dim", 256), head.get("dropout", 0.0))
     if loss is not None:
         check_class_weights(loss.get("class_weights"), None)
+        smoothing = loss.get("label_smoothing") or 0.0
+        if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
+            raise ConfigError(f"model.loss.label_smoothing must be a number in [0, 1), got {smoothing!r}.")
     check_optimizer(optimizer)
     name = (scheduler or {}).get("name")
     check_schedule(name, (scheduler or {}).get(name) if name not in (None, "none") else None)

@@ -32,6 +32,17 @@ class InferenceNet(torch.nn.Module):
         return self.head(self.backbone(x))
 
 
+def recorded_crop(hparams: dict) -> int:
+    """The image size the checkpoint's eval transforms make (its last CenterCrop, else its Resize)."""
+    steps = (hparams.get("preprocessing") or {}).get("eval_transforms") or []
+    for kind in ("CenterCrop", "Resize"):
+        for step in reversed(steps):
+            if str(step.get("transform", "")).endswith(kind):
+                size = step.get("size")
+                return int(size[0] if isinstance(size, list | tuple) else size)
+    raise UserError("The checkpoint records no eval crop or resize: pass image_size=N.")
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(
@@ -63,7 +74,7 @@ def main(cfg: DictConfig) -> None:
     classes, trained = loaded.classes, loaded.model
     model = InferenceNet(trained.backbone.to(memory_format=torch.contiguous_format), trained.head).eval()
     out_dir = Path(cfg.paths.output_dir)
-    size = int(cfg.image_size)
+    size = int(cfg.image_size) if cfg.get("image_size") is not None else recorded_crop(loaded.hparams)
     torch.manual_seed(0)
     example, check = torch.randn(2, 3, size, size), torch.randn(5, 3, size, size)  # two batch sizes: N is dynamic
     with torch.inference_mode():

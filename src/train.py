@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.callbacks.lr_finder import check_settings as check_lr_find_settings
 from src.callbacks.lr_finder import find_learning_rate
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
-from src.data.preprocessing import pil_filter, preprocessing_record
+from src.data.preprocessing import check_same_preprocessing, pil_filter, preprocessing_record
 from src.models.backbones import fetch_weights, weights_preprocessing
 from src.models.classifier import check_model_config, inverse_frequency_weights
 from src.utils.checkpoint_io import newest_readable_checkpoint
@@ -62,6 +62,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_settings["optimizer"],
         model_settings.get("scheduler"),
         model_settings.get("loss"),
+        model_settings.get("mixup"),
+        model_settings.get("cutmix"),
     )
     backbone = model_settings["backbone"]
     fetch_weights(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", 5.0))
@@ -74,6 +76,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.data.mean, cfg.data.std, OmegaConf.to_container(cfg.data.eval_transforms, resolve=True)
     )
     resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
+    if resume is not None:
+        check_same_preprocessing(resume.hparams.get("preprocessing"), preprocessing, resume.path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -106,9 +110,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_launch(trainer)
     lr_find = None
     if tune.get("lr_find") and resume is not None:
-        log.info(
-            "tune.lr_find: not run on a resume (the checkpoint's optimizer keeps the learning rate it trained with)"
-        )
+        lr = resume.hparams.get("optimizer", {}).get("lr")
+        model.hparams.optimizer["lr"] = lr  # the LR the search found, recorded again in this run's checkpoints
+        lr_find = {"suggestion": lr, "from_checkpoint": resume.path}
+        log.info("tune.lr_find: not run on a resume; the checkpoint's LR %s goes on", lr)
     elif tune.get("lr_find"):
         fresh = instantiate_each(cfg.get("callbacks"))  # the search's own finetuning callback and feature cache
         lr_find = find_learning_rate(
@@ -163,6 +168,29 @@ def resolve_preprocessing(cfg: DictConfig) -> None:
             if cfg.data.get(key) is None:
                 value = getattr(weights, key)
                 cfg.data[key] = list(value) if isinstance(value, tuple) else value
+    check_sizes(cfg.data, weights, cfg.model.backbone.name)
+
+
+def check_sizes(data: DictConfig, weights: Any, backbone: str) -> None:
+    """Before any data work: whole positive sizes, a crop inside the resized image (CenterCrop would pad it
+    with black), the one input size a ViT takes, and a training augmentation to build."""
+    for key in ("resize", "crop"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+            raise ConfigError(f"data.{key} must be a whole number of pixels in [1, 4096], got {value!r}.")
+    if data.crop > data.resize:
+        raise ConfigError(
+            f"data.crop={data.crop} is larger than data.resize={data.resize}: the centre crop would be padded with "
+            "black borders. Resize at least as large as the crop."
+        )
+    if weights.fixed_input and data.crop != weights.crop:
+        raise ConfigError(
+            f"{backbone} takes {weights.crop}×{weights.crop} images only: data.crop={data.crop} cannot run."
+        )
+    if data.get("train_transforms") is None:
+        raise ConfigError(
+            "data.train_transforms is missing: choose an augmentation preset, augment=seed (conf/augment/)."
+        )
 
 
 def instantiate_datamodule(cfg: DictConfig) -> Any:
@@ -269,7 +297,7 @@ def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:
     """What a user wants to know after a run, as plain JSON values."""
-    from src.callbacks.epoch_summary import EpochSummary, model_checkpoint, monitored_best
+    from src.callbacks.epoch_summary import EpochSummary, latest_checkpoint_path, model_checkpoint, monitored_best
     from src.callbacks.feature_cache import FeatureCache
 
     history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), [])
@@ -279,7 +307,7 @@ def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str]
     return {
         "status": "ok",
         "best_checkpoint": getattr(ckpt, "best_model_path", "") or None,
-        "last_checkpoint": getattr(ckpt, "last_model_path", "") or None,
+        "last_checkpoint": latest_checkpoint_path(trainer),
         "best_val_loss": best.get("val/loss"),
         "best_val_acc": best.get("val/acc"),
         "best_val_macro_f1": best.get("val/macro_f1"),

@@ -78,7 +78,7 @@ def test_preprocessing_is_the_weights_own():
     # the packaged lite2 file is Google's TF release: timm's tf_efficientnet_lite2 config, 260 / 0.89 -> 292
     assert weights_preprocessing("efficientnet_lite2") == Preprocessing((0.5,) * 3, (0.5,) * 3, 292, 260, "bicubic")
     assert weights_preprocessing("timm/vit_tiny_patch16_224") == Preprocessing(
-        (0.5,) * 3, (0.5,) * 3, 248, 224, "bicubic"
+        (0.5,) * 3, (0.5,) * 3, 248, 224, "bicubic", fixed_input=True
     )
 
 
@@ -94,15 +94,42 @@ def test_a_run_takes_the_weights_preprocessing_unless_an_experiment_pins_the_see
         seed = compose_train_cfg(tmp_path / experiment, f"experiment={experiment}")
         resolve_preprocessing(seed)
         assert (seed.data.resize, seed.data.crop, seed.data.interpolation) == (256, 224, "bilinear")
-    with pytest.raises(ConfigError, match="data.interpolation must be one of"):
-        resolve_preprocessing(compose_train_cfg(tmp_path / "b", "data.interpolation=cubic"))
+    bad = {
+        "data.interpolation=cubic": "data.interpolation must be one of",
+        "data.resize=0": "data.resize must be a whole number",
+        "data.crop=abc": "data.crop must be a whole number",
+        "data.resize=64": "data.crop=224 is larger than data.resize=64",
+        "model.backbone.name=vit_b_16 data.crop=64 data.resize=72": "vit_b_16 takes 224×224 images only",
+        "~augment": "augment=seed",
+    }
+    for overrides, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            resolve_preprocessing(compose_train_cfg(tmp_path / "b", *overrides.split()))
 
 
-def test_unknown_timm_names_and_tags_are_named():
+def test_unknown_names_tags_and_weights_files_are_named_before_any_data_work(tmp_path):
+    from src.models.backbones import fetch_weights
+
     with pytest.raises(ConfigError, match="timm/convnext_atto"):
         build_backbone("timm/convnext_ato", None)
     with pytest.raises(ConfigError, match="no pretrained tag 'nope'.*timm/convnext_atto.d2_in1k"):
         build_backbone("timm/convnext_atto.nope", "DEFAULT")
+    with pytest.raises(ConfigError, match="ends in a dot"):
+        fetch_weights("timm/convnext_atto.", "DEFAULT")
+    with pytest.raises(ConfigError, match="Did you mean: timm/convnext_atto"):
+        fetch_weights("convnext_atto", None)
+    with pytest.raises(ConfigError, match="Did you mean: resnet18"):
+        fetch_weights("RESNET18", None)
+    with pytest.raises(ConfigError, match="hub_timeout_s"):
+        fetch_weights("timm/convnext_atto", "DEFAULT", hub_timeout_s=-1)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(WeightsUnavailableError, match="is a directory"):
+        fetch_weights("resnet18", str(tmp_path / "folder"))
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not weights")
+    for name in ("resnet18", "efficientnet_lite0", "timm/convnext_atto"):
+        with pytest.raises(WeightsUnavailableError, match="not a readable weights file"):
+            build_backbone(name, str(junk))
 
 
 def fake_hub_cache(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
@@ -223,6 +250,9 @@ def test_ema_checkpoints_the_averaged_weights_and_keeps_the_raw_ones(tmp_path):
     assert ckpt["averaging_state"]["n_averaged"].item() == 8  # 16 images in batches of 4, 2 epochs
     resumed = train(compose_train_cfg(tmp_path / "ema", *base, *ft, "trainer.max_epochs=3", "ckpt_path=last"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    ckpt = torch.load(resumed["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["averaging_state"]["n_averaged"].item() == 12
+    assert not torch.equal(ckpt["state_dict"]["head.0.weight"], ckpt["current_model_state"]["head.0.weight"])
     with pytest.raises(ConfigError, match="model.slim_checkpoint=false"):
         train(compose_train_cfg(tmp_path / "fe", *base, "callbacks=ema", "model.finetune.schedule=[]"))
 
@@ -261,5 +291,7 @@ def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror():
     plain = predict_log_probs(model, x).exp()
     flip = predict_log_probs(model, x, "flip").exp()
     assert plain[0, 0] > 0.8 and flip[0].tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+    x[..., :2] = 400.0  # log-probabilities near -400 on one side: the average stays finite (log space)
+    assert torch.isfinite(predict_log_probs(model, x, "flip")).all()
     with pytest.raises(ConfigError, match="tta must be"):
         check_tta("flip5")

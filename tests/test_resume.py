@@ -295,6 +295,31 @@ def test_resume_is_exact_with_the_default_cache_and_at_every_fine_tuning_stage(
             assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key, a[key], b[key])
 
 
+def test_last_ckpt_is_written_every_epoch_even_when_val_loss_does_not_improve(small_data, tmp_path):
+    # an LR of 1e-12 leaves val/loss where it was: no new best checkpoint after the first epoch
+    summary = train_in(
+        tmp_path / "run", *FE, f"data.root={small_data}", "trainer.max_epochs=3", "model.optimizer.lr=1e-12"
+    )
+    assert len({round(h["val/loss"], 6) for h in summary["history"]}) == 1
+    last = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert Path(summary["last_checkpoint"]).name == "last.ckpt" and last["epoch"] == 2  # the third epoch, 0-based
+    assert Path(summary["best_checkpoint"]).name == "epoch_000.ckpt"
+
+
+def test_resume_refuses_other_preprocessing(small_data, tmp_path):
+    train_in(tmp_path / "run", *FE, f"data.root={small_data}", "trainer.max_epochs=1")
+    with pytest.raises(UserError, match=r"trained with the preprocessing(.|\n)*Normalize\(mean=\[0.4"):
+        train_in(
+            tmp_path / "run",
+            *FE,
+            f"data.root={small_data}",
+            "trainer.max_epochs=2",
+            "ckpt_path=last",
+            "data.mean=[0.4,0.4,0.4]",
+        )
+    assert not (tmp_path / "run" / "summary.json").read_text().count('"epochs": 2')
+
+
 @pytest.mark.slow
 def test_resume_refuses_another_dataset_unless_asked(small_data, tmp_path):
     base = [*FE, "trainer.max_epochs=2"]

@@ -127,8 +127,9 @@ def test_export_matches_pytorch(trained, fmt):
     proc = run_module("src.export", f"ckpt_path={trained['ckpt']}", f"format={fmt}", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "labels.txt").read_text().split() == ["ants", "bees"]
+    assert json.loads((out / "export.json").read_text())["input"] == "N x 3 x 64 x 64"  # the checkpoint's crop
     model = load_trained(trained["ckpt"]).model
-    x = torch.randn(3, 3, 224, 224)  # a batch size the export never saw
+    x = torch.randn(3, 3, 64, 64)  # a batch size the export never saw
     with torch.inference_mode():
         expected = model(x)
     if fmt == "onnx":

@@ -72,5 +72,21 @@ def monitored_best(trainer: Trainer, history: list[dict[str, float]]) -> tuple[s
 
 
 def model_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
-    """The run's first ModelCheckpoint (``trainer.checkpoint_callback`` is any first Checkpoint callback)."""
-    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    """The run's first ModelCheckpoint watching a metric: the best checkpoint's (``trainer.checkpoint_callback``
+    is any first Checkpoint callback)."""
+    found = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    return next((c for c in found if c.monitor is not None), found[0] if found else None)
+
+
+def latest_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that writes every epoch (no monitor: conf/callbacks/default.yaml's last_checkpoint)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor is None), None)
+
+
+def latest_checkpoint_path(trainer: Trainer) -> str | None:
+    """The newest every-epoch checkpoint written (last.ckpt), else the best callback's own last.ckpt."""
+    latest = latest_checkpoint(trainer)
+    if latest is not None:
+        return latest.best_model_path or None
+    best = model_checkpoint(trainer)
+    return getattr(best, "last_model_path", "") or None

@@ -23,6 +23,7 @@ from src.callbacks.feature_cache import FeatureCache
 from src.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
+MIN_STEPS = 20  # the suggestion is the steepest descent between the 11th and the second-to-last step
 
 
 class FirstEpochLRFinder(LearningRateFinder):
@@ -111,10 +112,10 @@ def check_settings(settings: dict[str, Any]) -> None:
     """tune.* values a range test can run with, checked before any data work."""
     lo, hi, n = settings.get("min_lr"), settings.get("max_lr"), settings.get("num_training")
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lo, hi, n))
-    if not numbers or not 0 < lo < hi or n < 2 or int(n) != n:
+    if not numbers or not 0 < lo < hi or n < MIN_STEPS or int(n) != n:
         raise ConfigError(
-            f"tune: need 0 < min_lr < max_lr and num_training a whole number >= 2, got min_lr={lo}, max_lr={hi}, "
-            f"num_training={n}."
+            f"tune: need 0 < min_lr < max_lr and num_training a whole number >= {MIN_STEPS} (Lightning's suggestion "
+            f"leaves out the first 10 steps and the last), got min_lr={lo}, max_lr={hi}, num_training={n}."
         )
     if settings.get("mode") not in LearningRateFinder.SUPPORTED_MODES:
         raise ConfigError(

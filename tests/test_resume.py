@@ -88,12 +88,12 @@ def writing(folder: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_ten_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matches(reference, tmp_path):
+def test_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matches(reference, tmp_path):
     data, straight = reference
     run_dir, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
     rng = random.Random(2026)
     landed = []
-    for k in range(10):
+    for k in range(6):  # three kills at random moments of training, three during a checkpoint write
         # a kill during the very first save can leave epoch_000.ckpt without last.ckpt: resume from it, as the
         # "Cannot resume" message tells a user to
         whole = sorted(ckpts.glob("epoch_*.ckpt"))
@@ -117,7 +117,7 @@ def test_ten_kills_at_random_moments_and_mid_checkpoint_write_then_resume_matche
         assert hit and proc.returncode == -signal.SIGKILL, f"attempt {k}: the run ended before the kill"
         landed.append(where)
     assert not (run_dir / "summary.json").exists()
-    assert landed.count("checkpoint write") == 5 and landed.count("training") == 5
+    assert landed.count("checkpoint write") == 3 and landed.count("training") == 3
 
     final = run_cli(*ARGS, f"data.root={data}", f"hydra.run.dir={run_dir}", "ckpt_path=last", scratch=tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]

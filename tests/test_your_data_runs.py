@@ -67,7 +67,7 @@ def test_a_flat_folder_trains_with_split_csv_and_imbalance_scores(flat_run):
     assert summary["best_val_balanced_acc"] == best["val/balanced_acc"]
     assert summary["split"]["layout"] == "flat"
     ckpt = torch.load(summary["best_checkpoint"], weights_only=True)
-    assert ckpt["hyper_parameters"]["loss"] == {"class_weights": [1.0, 1.0, 1.0]}  # balanced classes: all 1
+    assert ckpt["hyper_parameters"]["loss"]["class_weights"] == [1.0, 1.0, 1.0]  # balanced classes: all 1
 
 
 def test_the_checkpoint_records_the_held_out_images_and_eval_uses_them(flat_run, tmp_path):

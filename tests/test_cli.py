@@ -17,6 +17,7 @@ import torch
 from torchvision import transforms as T
 
 from src.data.datamodule import ImageFolderDataModule
+from src.data.preprocessing import transform_from_record
 from src.models.classifier import TransferClassifier
 from tests.conftest import compose_train_cfg, run_cli
 
@@ -84,7 +85,9 @@ def test_best_checkpoint_reproduces_the_logged_val_loss(default_run):
     assert ckpt["hyper_parameters"]["class_names"] == summary["classes"]
     model = TransferClassifier.load_from_checkpoint(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     model.eval()
-    recipe_eval = [T.Resize(256), T.CenterCrop(224)]
+    # the eval transforms the checkpoint records (the default run: lite0's own 256/224 bicubic)
+    recipe_eval = transform_from_record(model.hparams.preprocessing).transforms[:-2]
+    assert [type(t) for t in recipe_eval] == [T.Resize, T.CenterCrop] and recipe_eval[0].size == 256
     dm = ImageFolderDataModule(
         Path(default_run).parent / "data" / "synthetic_shapes",
         recipe_eval,

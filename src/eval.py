@@ -20,10 +20,11 @@ from src.data.datamodule import default_num_workers
 from src.data.images import RGBLoader
 from src.data.listing import ImageList, folder_samples
 from src.data.preflight import Scan, drop_samples, ignored_files, scan
-from src.inference.checkpoint import load_trained
+from src.inference.classifier import Classifier
 from src.inference.evaluate import evaluate_split, write_reports
+from src.inference.model_card import write_model_card
 from src.inference.tta import check_tta
-from src.utils.cli import pick_device, report_user_errors
+from src.utils.cli import report_user_errors
 from src.utils.errors import DatasetError
 from src.utils.io import write_csv
 
@@ -34,8 +35,8 @@ log = logging.getLogger("src.eval")
 @report_user_errors
 def main(cfg: DictConfig) -> float:
     check_tta(cfg.get("tta"))
-    device = pick_device(cfg.device)
-    trained = load_trained(cfg.ckpt_path, device)
+    classifier = Classifier.from_checkpoint(cfg.ckpt_path, cfg.device, cfg.data.decode_min_side)
+    device, trained = classifier.device, classifier.trained
     hparams, classes = trained.hparams, trained.classes
     trained_root = hparams.get("data_root")
     root = Path(cfg.data.root or trained_root or "").expanduser()
@@ -92,6 +93,15 @@ def main(cfg: DictConfig) -> float:
     metrics.update(checkpoint=str(cfg.ckpt_path), data_root=str(root), split=split, tta=tta)
     pre = hparams["preprocessing"]
     write_reports(out_dir, metrics, log_probs, labels, dataset, classes, pre["mean"], pre["std"], cfg.grid_size)
+    # the card refreshed with this evaluation's scores, per class included
+    write_model_card(
+        out_dir,
+        hparams,
+        None,
+        {"evaluated with": f"src.eval split={split} tta={tta}"},
+        {f"{split} ({root})": metrics},
+        str(cfg.ckpt_path),
+    )
     return metrics["accuracy"]
 
 

@@ -1,7 +1,9 @@
-"""Export a checkpoint: ``python -m src.export ckpt_path=... format=onnx|torchscript``.
+"""Export a checkpoint: ``python -m src.export ckpt_path=... format=onnx|torch_export|torchscript``.
 
-Writes model.onnx or model.pt (input: a normalized N×3×H×W batch, N dynamic; output: log-probabilities),
-labels.txt and export.json (the check against PyTorch) into its output folder.
+Writes model.onnx, model.pt2 (torch.export) or model.pt (TorchScript) — input: a normalized N×3×H×W batch,
+N dynamic; output: log-probabilities — with labels.txt and export.json: the classes in output order, the
+preprocessing a client applies (resize, center_crop, interpolation, mean, std), the source checkpoint's
+SHA-256 and the check against PyTorch. With export.json, model.onnx runs with onnxruntime, numpy and PIL only.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from src.data.preprocessing import PIL_FILTERS
 from src.inference.checkpoint import load_trained
 from src.utils.cli import report_user_errors
 from src.utils.errors import ConfigError, UserError
-from src.utils.io import TEXT_OPTIONS, write_json
+from src.utils.io import TEXT_OPTIONS, sha256_file, write_json
 
 log = logging.getLogger("src.export")
 
@@ -30,6 +33,29 @@ class InferenceNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+FORMATS = ("onnx", "torch_export", "torchscript")
+FILTER_NAMES = {code: name for name, code in PIL_FILTERS.items()}
+
+
+def bundle_preprocessing(hparams: dict) -> dict:
+    """What a client without torch does to an RGB image before the model: resize the short side to ``resize``
+    with ``interpolation``, centre-crop ``center_crop``, scale to [0, 1], subtract ``mean``, divide by ``std``
+    (channels first)."""
+    record = hparams.get("preprocessing") or {}
+    steps = record.get("eval_transforms") or []
+    resize = next((s for s in steps if str(s.get("transform", "")).endswith("Resize")), {})
+    size = resize.get("size")
+    filter_code = resize.get("interpolation", PIL_FILTERS["bilinear"])
+    return {
+        "resize": int(size[0] if isinstance(size, list | tuple) else size) if size is not None else None,
+        "center_crop": recorded_crop(hparams),
+        "interpolation": FILTER_NAMES.get(filter_code, str(filter_code)),
+        "mean": list(record.get("mean") or []),
+        "std": list(record.get("std") or []),
+        "layout": "N x 3 x H x W, RGB, float32",
+    }
 
 
 def recorded_crop(hparams: dict) -> int:
@@ -68,8 +94,8 @@ def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    if cfg.format not in ("onnx", "torchscript"):
-        raise ConfigError(f"format={cfg.format!r}: choose onnx or torchscript.")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format!r}: choose one of {', '.join(FORMATS)}.")
     loaded = load_trained(cfg.ckpt_path, "cpu")
     classes, trained = loaded.classes, loaded.model
     model = InferenceNet(trained.backbone.to(memory_format=torch.contiguous_format), trained.head).eval()
@@ -83,7 +109,15 @@ def main(cfg: DictConfig) -> None:
         path = out_dir / "model.onnx"
         export_onnx(model, example, path, int(cfg.opset))
         got = run_onnx(path, check)
-    else:
+    elif cfg.format == "torch_export":  # torch.export's ExportedProgram (.pt2): torch.export.load(path).module()
+        path = out_dir / "model.pt2"
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with torch.no_grad():
+            program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+        torch.export.save(program, str(path))
+        with torch.inference_mode():
+            got = torch.export.load(str(path)).module()(check)
+    else:  # TorchScript is in maintenance mode upstream: kept for runtimes that only read it
         path = out_dir / "model.pt"
         with torch.no_grad():
             scripted = torch.jit.trace(model, example)
@@ -98,8 +132,12 @@ def main(cfg: DictConfig) -> None:
             "format": cfg.format,
             "file": path.name,
             "input": f"N x 3 x {size} x {size}",
-            "output": "log-probabilities N x classes",
-            "classes": classes,
+            "input_name": "images",
+            "output": "log_probs",  # N x classes log-probabilities: exp() gives probabilities summing to 1
+            "classes": classes,  # in output order
+            "preprocessing": bundle_preprocessing(loaded.hparams),
+            "source_checkpoint": str(cfg.ckpt_path),
+            "source_checkpoint_sha256": sha256_file(Path(cfg.ckpt_path)),
             "max_abs_diff_vs_pytorch": diff,
             "tolerance": float(cfg.tolerance),
         },

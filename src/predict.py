@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from src.data.datamodule import default_num_workers
 from src.data.images import load_rgb
 from src.data.preflight import not_a_regular_file
-from src.inference.checkpoint import load_trained
-from src.inference.tta import check_tta, predict_log_probs
-from src.utils.cli import pick_device, report_user_errors
+from src.inference.classifier import Classifier
+from src.inference.tta import check_tta
+from src.utils.cli import report_user_errors
 from src.utils.errors import ConfigError, UserError
 from src.utils.io import write_csv
 
@@ -39,6 +42,34 @@ def image_files(path: Path) -> list[Path]:
     return files
 
 
+class ImageFiles(Dataset):
+    """Files decoded and preprocessed in DataLoader workers: (index, tensor, error); an unreadable file gives
+    an empty tensor and its error, and the others go on."""
+
+    def __init__(self, files: list[Path], classifier: Classifier) -> None:
+        self.files, self.transform, self.min_side = files, classifier.trained.transform, classifier.decode_min_side
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        path = self.files[i]
+        problem = not_a_regular_file(str(path))  # a FIFO would block the read forever
+        if problem:
+            return i, torch.empty(0), problem
+        try:
+            return i, self.transform(load_rgb(path, self.min_side)), ""
+        except Exception as err:  # unreadable, truncated, not an image: report it and go on
+            return i, torch.empty(0), f"{type(err).__name__}: {err}"
+
+
+def collate_readable(items: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], torch.Tensor | None, list]:
+    """(indices of the decoded images, their batch, (index, error) of the others)."""
+    good = [(i, x) for i, x, err in items if not err]
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], batch, [(i, err) for i, _, err in items if err]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
@@ -47,40 +78,38 @@ def main(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}.")
     check_tta(cfg.get("tta"))
-    device = pick_device(cfg.device)
-    trained = load_trained(cfg.ckpt_path, device)
-    model, classes, transform = trained.model, trained.classes, trained.transform
-    k = min(int(cfg.top_k), len(classes))
-    rows: list[dict[str, str]] = []
+    classifier = Classifier.from_checkpoint(cfg.ckpt_path, cfg.device, cfg.decode_min_side)
     files = image_files(Path(cfg.input))
-    for start in range(0, len(files), int(cfg.batch_size)):
-        batch, paths = [], []
-        for path in files[start : start + int(cfg.batch_size)]:
-            problem = not_a_regular_file(str(path))  # a FIFO would block the read forever
-            if problem:
-                rows.append({"path": str(path), "error": problem})
-                continue
-            try:
-                batch.append(transform(load_rgb(path, cfg.decode_min_side)))
-                paths.append(path)
-            except Exception as err:  # unreadable, truncated, not an image: report it and go on
-                rows.append({"path": str(path), "error": f"{type(err).__name__}: {err}"})
-        if not batch:
+    workers = default_num_workers() if cfg.get("num_workers") is None else int(cfg.num_workers)
+    loader = DataLoader(
+        ImageFiles(files, classifier), batch_size=int(cfg.batch_size), num_workers=workers, collate_fn=collate_readable
+    )
+    rows: list[dict[str, str]] = []
+    start = time.perf_counter()
+    for indices, batch, errors in loader:
+        rows += [{"path": str(files[i]), "error": err} for i, err in errors]
+        if batch is None:
             continue
-        with torch.inference_mode():
-            # LogSoftmax out: exp sums to 1
-            probs = predict_log_probs(model, torch.stack(batch).to(device), cfg.get("tta")).exp().cpu()
-        top_p, top_i = probs.topk(k, dim=1)
-        for path, p, i in zip(paths, top_p, top_i, strict=True):
+        for i, result in zip(
+            indices, classifier.results(classifier.probabilities(batch, cfg.get("tta")), cfg.top_k), strict=True
+        ):
             rows.append(
                 {
-                    "path": str(path),
-                    "predicted": classes[int(i[0])],
-                    "probability": f"{float(p[0]):.6f}",
-                    "top_k": "; ".join(f"{classes[int(c)]}:{float(q):.6f}" for q, c in zip(p, i, strict=True)),
+                    "path": str(files[i]),
+                    "predicted": result["class"],
+                    "probability": f"{result['probability']:.6f}",
+                    "top_k": "; ".join(f"{r['class']}:{r['probability']:.6f}" for r in result["top_k"]),
                     "error": "",
                 }
             )
+    seconds = time.perf_counter() - start
+    log.info(
+        "%d images in %.2f s (%.1f images/s, %d decoding workers)",
+        len(files),
+        seconds,
+        len(files) / max(seconds, 1e-9),
+        workers,
+    )
     rows.sort(key=lambda r: r["path"])
     out = Path(cfg.paths.output_dir) / "predictions.csv"
     columns = ["path", "predicted", "probability", "top_k", "error"]

@@ -142,6 +142,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if "test" in datamodule.datasets and summary["best_checkpoint"]:
         summary["test"] = evaluate_on_test(summary["best_checkpoint"], datamodule)
     write_json(output_dir / "summary.json", summary)
+    write_run_card(output_dir, cfg, model, summary)
     log.info(
         "Best val loss %.4f (val acc %.4f, epoch %s) in %.1f s; outputs in %s",
         summary["best_val_loss"],
@@ -292,7 +293,38 @@ def evaluate_on_test(path: str, datamodule: Any) -> dict[str, Any]:
         metrics["loss"],
         metrics["samples"],
     )
-    return {k: metrics[k] for k in ("samples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1")}
+    keys = ("samples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class")
+    return {k: metrics[k] for k in keys}
+
+
+def write_run_card(output_dir: Path, cfg: DictConfig, model: Any, summary: dict[str, Any]) -> None:
+    """MODEL_CARD.md for the run's best checkpoint: best val metrics, test per class when there is a test split
+    (per-class val scores: ``src.eval`` writes a refreshed card)."""
+    from src.inference.model_card import write_model_card
+
+    hp = dict(model.hparams)
+    evaluations = {
+        "val (best epoch)": {
+            "accuracy": summary.get("best_val_acc"),
+            "macro_f1": summary.get("best_val_macro_f1"),
+            "loss": summary.get("best_val_loss"),
+        }
+    }
+    if summary.get("test"):
+        evaluations["test"] = summary["test"]
+    training = {
+        "epochs": summary.get("epochs"),
+        "best epoch": summary.get("best_epoch"),
+        "optimizer": {k: v for k, v in hp.get("optimizer", {}).items()},
+        "batch size": cfg.data.get("batch_size"),
+        "augmentation": [str(t.get("_target_", "")).rsplit(".", 1)[-1] for t in cfg.data.get("train_transforms") or []],
+        "finetune_schedule": list(cfg.model.finetune.get("schedule") or []) if cfg.model.get("finetune") else None,
+        "label smoothing": (hp.get("loss") or {}).get("label_smoothing"),
+        "precision": summary.get("precision"),
+        "seed": cfg.get("seed"),
+        "wall time (s)": summary.get("wall_s"),
+    }
+    write_model_card(output_dir, hp, summary.get("images"), training, evaluations, summary.get("best_checkpoint"))
 
 
 def run_summary(trainer: L.Trainer, model: L.LightningModule, classes: list[str], wall_s: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,29 @@ def test_predict_rows_for_every_file_and_errors_for_broken_ones(trained):
     assert load_rgb(folder / "rotated.jpg").size == (90, 120)  # EXIF orientation applied
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+BUNDLE_CHECK = r"""
+import json, sys
+import numpy as np, onnxruntime as ort
+from PIL import Image
+assert "torch" not in sys.modules
+folder, paths = sys.argv[1], sys.argv[2:]
+meta = json.load(open(folder + "/export.json")); p = meta["preprocessing"]
+session = ort.InferenceSession(folder + "/" + meta["file"])
+filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+out = []
+for path in paths:
+    im = Image.open(path).convert("RGB")
+    s = p["resize"] / min(im.size)
+    im = im.resize((round(im.width * s), round(im.height * s)), filters[p["interpolation"]])
+    c = p["center_crop"]; left, top = (im.width - c) // 2, (im.height - c) // 2
+    x = (np.asarray(im.crop((left, top, left + c, top + c)), np.float32) / 255 - p["mean"]) / p["std"]
+    log_probs = session.run(None, {meta["input_name"]: x.transpose(2, 0, 1)[None].astype(np.float32)})[0]
+    out.append(meta["classes"][int(log_probs.argmax())])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch_export", "torchscript"])
 def test_export_matches_pytorch(trained, fmt):
     out = trained["tmp"] / f"export-{fmt}"
     proc = run_module("src.export", f"ckpt_path={trained['ckpt']}", f"format={fmt}", f"hydra.run.dir={out}")
@@ -137,11 +160,38 @@ def test_export_matches_pytorch(trained, fmt):
 
         session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    elif fmt == "torch_export":
+        with torch.inference_mode():
+            got = torch.export.load(str(out / "model.pt2")).module()(x)
     else:
         with torch.inference_mode():
             got = torch.jit.load(str(out / "model.pt"))(x)
     assert got.shape == (3, 2)
     assert (got - expected).abs().max() <= 1e-4
+
+
+def test_the_onnx_bundle_runs_without_torch_and_agrees_with_the_python_api(trained, hymenoptera):
+    """export.json + model.onnx in a process without torch (onnxruntime, numpy, PIL) against the Python API, on
+    real photos of several sizes (the tiny model's classes are compared image by image)."""
+    from src.inference import Classifier
+
+    out = trained["tmp"] / "export-onnx"
+    if not (out / "export.json").exists():
+        proc = run_module("src.export", f"ckpt_path={trained['ckpt']}", "format=onnx", f"hydra.run.dir={out}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["classes"] == ["ants", "bees"] and meta["output"] == "log_probs"
+    assert meta["preprocessing"]["center_crop"] == 64 and meta["preprocessing"]["resize"] == 72
+    assert len(meta["source_checkpoint_sha256"]) == 64
+    photos = sorted((hymenoptera / "val").glob("*/*.jpg"))[::8]
+    ran = subprocess.run(
+        [sys.executable, "-c", BUNDLE_CHECK, str(out), *map(str, photos)], capture_output=True, text=True, timeout=300
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    bundle = json.loads(ran.stdout)
+    api = [r["class"] for r in Classifier.from_checkpoint(trained["ckpt"], "cpu").predict(photos)]
+    agree = sum(a == b for a, b in zip(bundle, api, strict=True))
+    assert agree >= len(photos) - 1, (agree, len(photos))  # PIL's resize vs torchvision's: one borderline image
 
 
 def test_slim_checkpoint_reproduces_the_full_one(trained, tmp_path):

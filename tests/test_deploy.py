@@ -1,0 +1,233 @@
+"""Shipping a model: the Python API, the HTTP server and its page (in a real browser), the torch-free ONNX
+bundle, the model card, the MLflow and CSV loggers."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests import forkrun
+from tests.conftest import REPO, SMALL_IMAGES, compose_train_cfg, make_imagefolder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> dict:
+    """lite0 trained 1 epoch on a tiny folder (64-px crops) with the MLflow logger; its checkpoint and images."""
+    from src.train import train
+
+    tmp = tmp_path_factory.mktemp("ship")
+    data = make_imagefolder(tmp / "data", per_split={"train": 6, "val": 4}, size=(80, 60))
+    run = tmp / "run"
+    cfg = compose_train_cfg(
+        run, "experiment=lite0_fe", f"data.root={data}", *SMALL_IMAGES, "trainer.max_epochs=1", "logger=mlflow"
+    )
+    summary = train(cfg)
+    images = sorted((data / "val").glob("*/*.png"))
+    return {"tmp": tmp, "data": data, "run": run, "ckpt": summary["best_checkpoint"], "images": images}
+
+
+def test_the_python_api_predicts_paths_and_pil_images_alike(shipped):
+    from src.inference import Classifier
+
+    clf = Classifier.from_checkpoint(shipped["ckpt"], device="cpu")
+    paths = [str(p) for p in shipped["images"]]
+    from_paths = clf.predict(paths, top_k=2, batch_size=3)
+    from_pil = clf.predict([Image.open(p) for p in paths], top_k=2)
+    assert [r["class"] for r in from_paths] == [r["class"] for r in from_pil]
+    for r in from_paths:
+        assert r["class"] == r["top_k"][0]["class"] and r["class"] in ("ants", "bees")
+        assert sum(t["probability"] for t in r["top_k"]) == pytest.approx(1.0, abs=1e-5)  # k = all classes
+    assert len(clf.predict(paths[0])) == 1
+
+
+def test_a_run_writes_a_model_card_and_an_mlflow_run(shipped):
+    card = (shipped["run"] / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\nlibrary_name: pytorch")
+    assert "`ants`, `bees`" in card and "| ants | 6 | 4 |" in card and "Classifier.from_checkpoint" in card
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{shipped['run'] / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and "val/acc" in runs[0].data.metrics and "train/loss" in runs[0].data.metrics
+
+
+def test_the_csv_logger_writes_every_epochs_metrics(tmp_path):
+    from src.train import train
+
+    data = make_imagefolder(tmp_path / "data", per_split={"train": 4, "val": 2})
+    train(
+        compose_train_cfg(
+            tmp_path / "run",
+            "experiment=lite0_fe",
+            f"data.root={data}",
+            *SMALL_IMAGES,
+            "trainer.max_epochs=2",
+            "logger=csv",
+        )
+    )
+    rows = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
+    assert "val/loss" in rows[0] and sum(1 for r in rows[1:] if r.split(",")[rows[0].split(",").index("val/loss")]) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, data: bytes, name: str) -> tuple[int, dict | bytes, float]:
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read()), time.perf_counter() - start
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def server(shipped):
+    port = free_port()
+    log = shipped["tmp"] / "serve.log"
+    proc = forkrun.start(
+        "src.serve",
+        f"ckpt_path={shipped['ckpt']}",
+        f"port={port}",
+        f"hydra.run.dir={shipped['tmp'] / 'serve'}",
+        cwd=REPO,
+        log=log,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
+    yield port
+    family = descendants(proc.pid)  # LitServe's worker and API processes: a killed parent would orphan them
+    proc.kill()
+    proc.wait()
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert all(not alive(pid) for pid in family)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_the_server_answers_a_burst_like_the_api_and_refuses_bad_uploads(shipped, server):
+    from src.inference import Classifier
+
+    want = {
+        p.name: r["class"]
+        for p, r in zip(
+            shipped["images"],
+            Classifier.from_checkpoint(shipped["ckpt"], "cpu").predict(shipped["images"]),
+            strict=True,
+        )
+    }
+    files = [p for p in shipped["images"] for _ in range(8)][:60]  # 60 requests, 8 at a time
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: (p.name, post(server, p.read_bytes(), p.name)), files))
+    wall = time.perf_counter() - start
+    for name, (status, body, _) in answers:
+        assert status == 200 and body["class"] == want[name], (name, status, body)
+    latency = sorted(t for _, (_, _, t) in answers)
+    print(
+        f"60 requests, 8 concurrent: {60 / wall:.1f} requests/s, p50 {statistics.median(latency) * 1000:.0f} ms, "
+        f"p95 {latency[int(0.95 * len(latency)) - 1] * 1000:.0f} ms"
+    )
+    status, body, _ = post(server, b"this is not an image", "notes.txt")
+    assert status == 400 and "not a decodable image" in body["detail"]
+    status, body, _ = post(server, os.urandom(11 * 1024 * 1024), "huge.jpg")  # max_upload_mb: 10
+    assert status == 413
+    with urllib.request.urlopen(f"http://127.0.0.1:{server}/metadata", timeout=10) as r:
+        meta = json.loads(r.read())
+    assert meta["classes"] == ["ants", "bees"] and meta["backbone"] == "efficientnet_lite0"
+    assert "best_val_loss" in meta["training_metrics"]
+    status, body, _ = post(server, shipped["images"][0].read_bytes(), "again.png")  # still serving
+    assert status == 200
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here (Debian: apt-get install chromium; .ci/run does)")
+def test_the_page_shows_the_class_of_a_chosen_image_in_a_real_browser(shipped, server):
+    from playwright.sync_api import sync_playwright
+
+    from src.inference import Classifier
+
+    image = shipped["images"][-1]
+    want = Classifier.from_checkpoint(shipped["ckpt"], "cpu").predict([image])[0]["class"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server}/")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#top[data-class]:not([data-class=''])", timeout=30_000)
+            assert page.get_attribute("#top", "data-class") == want
+            assert page.locator("#bars .bar").count() == 2
+            assert page.is_visible("#preview")
+        finally:
+            browser.close()

@@ -224,6 +224,7 @@ def test_augmentation_presets_put_the_policy_inside_the_seeds_pipeline(tmp_path,
     assert out.size == (224, 224)
 
 
+@pytest.mark.slow
 def test_mixup_and_cutmix_train_on_soft_targets_and_refuse_cached_features(tmp_path):
     from src.train import train
 
@@ -236,6 +237,7 @@ def test_mixup_and_cutmix_train_on_soft_targets_and_refuse_cached_features(tmp_p
         train(compose_train_cfg(tmp_path / "fe", *base, "model.mixup.alpha=0.4", "model.finetune.schedule=[]"))
 
 
+@pytest.mark.slow
 def test_ema_checkpoints_the_averaged_weights_and_keeps_the_raw_ones(tmp_path):
     from src.train import train
 
@@ -257,6 +259,7 @@ def test_ema_checkpoints_the_averaged_weights_and_keeps_the_raw_ones(tmp_path):
         train(compose_train_cfg(tmp_path / "fe", *base, "callbacks=ema", "model.finetune.schedule=[]"))
 
 
+@pytest.mark.slow
 def test_lr_find_trains_with_its_suggestion_as_if_it_were_configured(tmp_path):
     from src.train import train
 

@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.callbacks.lr_finder import check_settings as check_lr_find_settings
 from src.callbacks.lr_finder import find_learning_rate
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
-from src.data.preprocessing import check_same_preprocessing, pil_filter, preprocessing_record
+from src.data.preprocessing import MAX_PIXELS_PER_SIDE, check_same_preprocessing, pil_filter, preprocessing_record
 from src.models.backbones import fetch_weights, weights_preprocessing
 from src.models.classifier import check_model_config, inverse_frequency_weights
+from src.models.timm_backbones import HUB_TIMEOUT_S
 from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
 from src.utils.config import check_trainer_settings, instantiate_each, module_config, save_config
@@ -66,7 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_settings.get("cutmix"),
     )
     backbone = model_settings["backbone"]
-    fetch_weights(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", 5.0))
+    fetch_weights(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", HUB_TIMEOUT_S))
     check_trainer_settings(cfg.trainer)
     check_monitor(cfg.get("callbacks"))
     tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
@@ -177,8 +178,10 @@ def check_sizes(data: DictConfig, weights: Any, backbone: str) -> None:
     with black), the one input size a ViT takes, and a training augmentation to build."""
     for key in ("resize", "crop"):
         value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-            raise ConfigError(f"data.{key} must be a whole number of pixels in [1, 4096], got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIXELS_PER_SIDE:
+            raise ConfigError(
+                f"data.{key} must be a whole number of pixels in [1, {MAX_PIXELS_PER_SIDE}], got {value!r}."
+            )
     if data.crop > data.resize:
         raise ConfigError(
             f"data.crop={data.crop} is larger than data.resize={data.resize}: the centre crop would be padded with "

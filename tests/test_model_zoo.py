@@ -224,12 +224,23 @@ def test_augmentation_presets_put_the_policy_inside_the_seeds_pipeline(tmp_path,
     assert out.size == (224, 224)
 
 
+def tiny_run_args(tmp_path: Path, experiment: str, epochs: int, train_per_class: int = 8) -> list[str]:
+    """Overrides for a run of ``experiment`` on a tiny folder of 64-px crops in batches of 4."""
+    data = make_imagefolder(tmp_path / "data", per_split={"train": train_per_class, "val": 4})
+    return [
+        f"experiment={experiment}",
+        f"data.root={data}",
+        *SMALL_IMAGES,
+        "data.batch_size=4",
+        f"trainer.max_epochs={epochs}",
+    ]
+
+
 @pytest.mark.slow
 def test_mixup_and_cutmix_train_on_soft_targets_and_refuse_cached_features(tmp_path):
     from src.train import train
 
-    data = make_imagefolder(tmp_path / "data", per_split={"train": 8, "val": 4})
-    base = ["experiment=lite0_ft", f"data.root={data}", *SMALL_IMAGES, "data.batch_size=4", "trainer.max_epochs=1"]
+    base = tiny_run_args(tmp_path, "lite0_ft", epochs=1)
     mixed = ["model.mixup.alpha=0.4", "model.cutmix.alpha=1.0", "model.finetune.schedule=[{epoch: 0, groups: 1}]"]
     summary = train(compose_train_cfg(tmp_path / "ft", *base, *mixed))
     assert math.isfinite(summary["history"][0]["train/loss"])
@@ -241,8 +252,7 @@ def test_mixup_and_cutmix_train_on_soft_targets_and_refuse_cached_features(tmp_p
 def test_ema_checkpoints_the_averaged_weights_and_keeps_the_raw_ones(tmp_path):
     from src.train import train
 
-    data = make_imagefolder(tmp_path / "data", per_split={"train": 8, "val": 4})
-    base = ["experiment=lite0_ft", f"data.root={data}", *SMALL_IMAGES, "data.batch_size=4", "trainer.max_epochs=2"]
+    base = tiny_run_args(tmp_path, "lite0_ft", epochs=2)
     ft = ["callbacks=ema", "callbacks.ema.decay=0.5", "model.finetune.schedule=[{epoch: 0, groups: 1}]"]
     summary = train(compose_train_cfg(tmp_path / "ema", *base, *ft))
     ckpt = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
@@ -263,8 +273,7 @@ def test_ema_checkpoints_the_averaged_weights_and_keeps_the_raw_ones(tmp_path):
 def test_lr_find_trains_with_its_suggestion_as_if_it_were_configured(tmp_path):
     from src.train import train
 
-    data = make_imagefolder(tmp_path / "data", per_split={"train": 16, "val": 4})
-    base = ["experiment=lite0_fe", f"data.root={data}", *SMALL_IMAGES, "data.batch_size=4", "trainer.max_epochs=2"]
+    base = tiny_run_args(tmp_path, "lite0_fe", epochs=2, train_per_class=16)
     found = train(compose_train_cfg(tmp_path / "found", *base, "tune.lr_find=true", "tune.num_training=30"))
     lr = found["lr_find"]["suggestion"]
     assert 1e-6 <= lr <= 1.0 and found["lr_find"]["num_training"] == 30

@@ -24,7 +24,7 @@ def model_card(
     ``per_class`` (class → {f1, precision, recall, support})."""
     classes = list(hparams.get("class_names") or [])
     backbone = hparams.get("backbone") or {}
-    frozen = not (hparams.get("finetune_schedule") or training.get("finetune_schedule"))
+    frozen = not training.get("finetune_schedule")
     lines = [
         "---",
         "library_name: pytorch",

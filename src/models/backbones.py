@@ -142,7 +142,7 @@ def check_backbone_name(name: str) -> None:
         )
 
 
-def fetch_weights(name: str, weights: str | None, hub_timeout_s: float = 5.0) -> None:
+def fetch_weights(name: str, weights: str | None, hub_timeout_s: float = timm_backbones.HUB_TIMEOUT_S) -> None:
     """Before any data work: the weights a run will load are there (a local file exists; a library's weights
     are in its cache or downloaded now; a package is installed), else the one clear error; nothing is built."""
     if isinstance(hub_timeout_s, bool) or not isinstance(hub_timeout_s, int | float) or not hub_timeout_s > 0:
@@ -167,7 +167,9 @@ def fetch_weights(name: str, weights: str | None, hub_timeout_s: float = 5.0) ->
         torchvision_weights_file(name, weights)
 
 
-def build_backbone(name: str, weights: str | None = "DEFAULT", hub_timeout_s: float = 5.0) -> Backbone:
+def build_backbone(
+    name: str, weights: str | None = "DEFAULT", hub_timeout_s: float = timm_backbones.HUB_TIMEOUT_S
+) -> Backbone:
     """Build backbone ``name`` with ``weights`` loaded and its classifier removed (pooled features out).
     ``hub_timeout_s``: how long a timm model's weights download may wait for the hub to answer."""
     check_backbone_name(name)

@@ -17,6 +17,7 @@ from src.models.backbones import build_backbone, check_backbone_name
 from src.models.batch_mix import build_batch_mix
 from src.models.head import build_head, check_head
 from src.models.schedules import build_schedule, check_schedule
+from src.models.timm_backbones import HUB_TIMEOUT_S
 from src.utils.errors import ConfigError, UserError
 from src.utils.lightning_compat import attached_trainer
 
@@ -59,7 +60,7 @@ class TransferClassifier(LightningModule):
         weights = check_class_weights((loss or {}).get("class_weights"), len(class_names))
         smoothing = float((loss or {}).get("label_smoothing") or 0.0)
         self.save_hyperparameters()
-        built = build_backbone(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", 5.0))
+        built = build_backbone(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", HUB_TIMEOUT_S))
         self.channels_last = bool(backbone.get("channels_last", False))
         self.backbone = built.module.to(memory_format=torch.channels_last) if self.channels_last else built.module
         self.head = build_head(built.feature_dim, len(class_names), **head)

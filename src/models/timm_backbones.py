@@ -22,6 +22,7 @@ from src.utils.errors import ConfigError, WeightsUnavailableError
 from src.utils.io import sha256_file
 
 PREFIX = "timm/"
+HUB_TIMEOUT_S = 5.0  # conf/model/classifier.yaml: model.backbone.hub_timeout_s; this only when absent
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repositories hold, preferred first
 
 

@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist workers for make test / test-fast: one per core of the 2-core reference machine (0: in one process)
+TEST_WORKERS ?= 2
 
 .PHONY: install train test test-fast lint format tensorboard sweep bench bench-ft bench-data clean
 
@@ -18,10 +20,10 @@ train: $(STAMP) ## train (offline default: synthetic shapes on efficientnet_lite
 	$(PY) -m src.train $(ARGS)
 
 test: $(STAMP) ## the whole suite, slow tests included (what CI runs)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-fast: $(STAMP) ## skip the slow tests
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

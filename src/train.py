@@ -7,6 +7,7 @@ fit, and write summary.json into the run's output folder.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -129,6 +130,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"The last good checkpoint is {good}: resume with ckpt_path={good}" if good else "No checkpoint was saved."
         )
         raise DiskFullError(err.folder, err.detail, hint) from None
+    finally:
+        finish_wandb_run()
     wall_s = time.perf_counter() - start
 
     summary = run_summary(trainer, model, datamodule.classes, wall_s)
@@ -153,6 +156,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     return summary
+
+
+def finish_wandb_run() -> None:
+    """End the W&B run that logger=wandb opened: W&B keeps one run per process until it is finished, so the next
+    job of a sweep (same process) would otherwise log into this one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 SIZING_KEYS = ("resize", "crop", "interpolation")

@@ -10,6 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# under pytest-xdist (make test: -n 2) each worker is one process on one core: one torch thread each, or two
+# workers' thread pools fight over the two cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
 
@@ -42,8 +47,11 @@ def make_imagefolder(root: Path, classes=("ants", "bees"), per_split=None, size=
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Start the forkserver of tests/forkrun.py now: it imports the entry modules on the other core while
-    the first in-process tests run."""
+    the first in-process tests run (not in pytest-xdist's controller, which runs no test)."""
     from tests import forkrun
+
+    if getattr(session.config, "workerinput", None) is None and session.config.getoption("numprocesses", None):
+        return
 
     forkrun.warm_up()
 
@@ -109,6 +117,34 @@ def lite0_on_hymenoptera() -> dict:
     out["val"] = (torch.cat(fp32), torch.cat(labels))
     out["val_bf16"] = torch.cat(bf16)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """lite0 (packaged weights, so checkpoints are slim) trained in-process 1 epoch on a tiny folder with a test
+    split and 64-px crops, logged to TensorBoard, CSV and MLflow (logger=many): the trained model that the
+    eval, predict, export and shipping tests share. Tests that change the run copy it first."""
+    import json
+
+    from src.train import train
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    data = make_imagefolder(tmp / "data", per_split={"train": 6, "val": 4, "test": 3}, size=(80, 60))
+    run = tmp / "run"
+    train(
+        compose_train_cfg(
+            run,
+            "experiment=lite0_fe",
+            f"data.root={data}",
+            *SMALL_IMAGES,  # the checkpoint records them: eval, predict and export use what it says
+            "trainer.max_epochs=1",
+            "logger=many",
+        )
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    images = sorted((data / "val").glob("*/*.png"))
+    ckpt = summary["best_checkpoint"]
+    return {"tmp": tmp, "data": data, "run": run, "summary": summary, "ckpt": ckpt, "images": images}
 
 
 def run_cli(*args: str, scratch: Path, timeout: int = 600) -> subprocess.CompletedProcess:

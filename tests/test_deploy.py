@@ -4,12 +4,14 @@ bundle, the model card, the MLflow and CSV loggers."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import csv
 import json
 import os
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -25,27 +27,11 @@ from tests.conftest import REPO, SMALL_IMAGES, compose_train_cfg, make_imagefold
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory) -> dict:
-    """lite0 trained 1 epoch on a tiny folder (64-px crops) with the MLflow logger; its checkpoint and images."""
-    from src.train import train
-
-    tmp = tmp_path_factory.mktemp("ship")
-    data = make_imagefolder(tmp / "data", per_split={"train": 6, "val": 4}, size=(80, 60))
-    run = tmp / "run"
-    cfg = compose_train_cfg(
-        run, "experiment=lite0_fe", f"data.root={data}", *SMALL_IMAGES, "trainer.max_epochs=1", "logger=mlflow"
-    )
-    summary = train(cfg)
-    images = sorted((data / "val").glob("*/*.png"))
-    return {"tmp": tmp, "data": data, "run": run, "ckpt": summary["best_checkpoint"], "images": images}
-
-
-def test_the_python_api_predicts_paths_and_pil_images_alike(shipped):
+def test_the_python_api_predicts_paths_and_pil_images_alike(tiny_run):
     from src.inference import Classifier
 
-    clf = Classifier.from_checkpoint(shipped["ckpt"], device="cpu")
-    paths = [str(p) for p in shipped["images"]]
+    clf = Classifier.from_checkpoint(tiny_run["ckpt"], device="cpu")
+    paths = [str(p) for p in tiny_run["images"]]
     from_paths = clf.predict(paths, top_k=2, batch_size=3)
     from_pil = clf.predict([Image.open(p) for p in paths], top_k=2)
     assert [r["class"] for r in from_paths] == [r["class"] for r in from_pil]
@@ -55,33 +41,59 @@ def test_the_python_api_predicts_paths_and_pil_images_alike(shipped):
     assert len(clf.predict(paths[0])) == 1
 
 
-def test_a_run_writes_a_model_card_and_an_mlflow_run(shipped):
-    card = (shipped["run"] / "MODEL_CARD.md").read_text()
+def test_a_run_writes_a_model_card_and_logs_to_tensorboard_csv_and_mlflow_at_once(tiny_run):
+    run = tiny_run["run"]
+    card = (run / "MODEL_CARD.md").read_text()
     assert card.startswith("---\nlibrary_name: pytorch")
-    assert "`ants`, `bees`" in card and "| ants | 6 | 4 |" in card and "Classifier.from_checkpoint" in card
+    assert "`ants`, `bees`" in card and "| ants | 6 | 4 | 3 |" in card and "Classifier.from_checkpoint" in card
+    # logger=many: MLflow's own client reads the run back from the run folder's store ...
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{shipped['run'] / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert len(runs) == 1 and "val/acc" in runs[0].data.metrics and "train/loss" in runs[0].data.metrics
+    # ... the CSV file holds the epoch's metrics and TensorBoard its event file
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    assert [float(r["val/acc"]) for r in rows if r["val/acc"]] == [pytest.approx(runs[0].data.metrics["val/acc"])]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_the_csv_logger_writes_every_epochs_metrics(tmp_path):
+def wandb_records(path: Path):
+    """The protobuf records of a W&B offline run file (.wandb: a ':W&B' header, then a LevelDB-style log of
+    32 KiB blocks, each record a 7-byte header (crc, length, kind: 1 whole, 2 first, 3 middle, 4 last))."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, part = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        part, pos = part + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            yield record
+            part = b""
+
+
+def test_wandb_logs_offline_one_run_per_training_run(tmp_path, monkeypatch):
+    """logger=wandb needs no network or account (offline); two runs in one process (a sweep) are two W&B runs."""
     from src.train import train
 
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # not the user's ~/.config/wandb
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     data = make_imagefolder(tmp_path / "data", per_split={"train": 4, "val": 2})
-    train(
-        compose_train_cfg(
-            tmp_path / "run",
-            "experiment=lite0_fe",
-            f"data.root={data}",
-            *SMALL_IMAGES,
-            "trainer.max_epochs=2",
-            "logger=csv",
-        )
-    )
-    rows = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
-    assert "val/loss" in rows[0] and sum(1 for r in rows[1:] if r.split(",")[rows[0].split(",").index("val/loss")]) == 2
+    for job in ("a", "b"):
+        overrides = [f"data.root={data}", *SMALL_IMAGES, "trainer.max_epochs=1", "logger=wandb"]
+        train(compose_train_cfg(tmp_path / job, "experiment=lite0_fe", *overrides))
+    for job in ("a", "b"):
+        (run_file,) = (tmp_path / job / "wandb").glob("offline-run-*/run-*.wandb")
+        history = [r.history for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+        logged = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
+        assert {"val/acc", "val/loss", "train/loss"} <= logged, logged
 
 
 def free_port() -> int:
@@ -112,14 +124,14 @@ def post(port: int, data: bytes, name: str) -> tuple[int, dict | bytes, float]:
 
 
 @pytest.fixture(scope="module")
-def server(shipped):
+def server(tiny_run):
     port = free_port()
-    log = shipped["tmp"] / "serve.log"
+    log = tiny_run["tmp"] / "serve.log"
     proc = forkrun.start(
         "src.serve",
-        f"ckpt_path={shipped['ckpt']}",
+        f"ckpt_path={tiny_run['ckpt']}",
         f"port={port}",
-        f"hydra.run.dir={shipped['tmp'] / 'serve'}",
+        f"hydra.run.dir={tiny_run['tmp'] / 'serve'}",
         cwd=REPO,
         log=log,
     )
@@ -175,18 +187,18 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_the_server_answers_a_burst_like_the_api_and_refuses_bad_uploads(shipped, server):
+def test_the_server_answers_a_burst_like_the_api_and_refuses_bad_uploads(tiny_run, server):
     from src.inference import Classifier
 
     want = {
         p.name: r["class"]
         for p, r in zip(
-            shipped["images"],
-            Classifier.from_checkpoint(shipped["ckpt"], "cpu").predict(shipped["images"]),
+            tiny_run["images"],
+            Classifier.from_checkpoint(tiny_run["ckpt"], "cpu").predict(tiny_run["images"]),
             strict=True,
         )
     }
-    files = [p for p in shipped["images"] for _ in range(8)][:60]  # 60 requests, 8 at a time
+    files = [p for p in tiny_run["images"] for _ in range(8)][:60]  # 60 requests, 8 at a time
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda p: (p.name, post(server, p.read_bytes(), p.name)), files))
@@ -206,7 +218,7 @@ def test_the_server_answers_a_burst_like_the_api_and_refuses_bad_uploads(shipped
         meta = json.loads(r.read())
     assert meta["classes"] == ["ants", "bees"] and meta["backbone"] == "efficientnet_lite0"
     assert "best_val_loss" in meta["training_metrics"]
-    status, body, _ = post(server, shipped["images"][0].read_bytes(), "again.png")  # still serving
+    status, body, _ = post(server, tiny_run["images"][0].read_bytes(), "again.png")  # still serving
     assert status == 200
 
 
@@ -215,13 +227,13 @@ def chromium() -> str | None:
 
 
 @pytest.mark.skipif(chromium() is None, reason="no Chromium here (Debian: apt-get install chromium; .ci/run does)")
-def test_the_page_shows_the_class_of_a_chosen_image_in_a_real_browser(shipped, server):
+def test_the_page_shows_the_class_of_a_chosen_image_in_a_real_browser(tiny_run, server):
     from playwright.sync_api import sync_playwright
 
     from src.inference import Classifier
 
-    image = shipped["images"][-1]
-    want = Classifier.from_checkpoint(shipped["ckpt"], "cpu").predict([image])[0]["class"]
+    image = tiny_run["images"][-1]
+    want = Classifier.from_checkpoint(tiny_run["ckpt"], "cpu").predict([image])[0]["class"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         try:

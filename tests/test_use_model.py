@@ -1,10 +1,11 @@
-"""A trained checkpoint on its own: eval, predict, export, slim checkpoints, refusing unsafe files."""
+"""A tiny_run checkpoint on its own: eval, predict, export, slim checkpoints, refusing unsafe files."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from src.data.images import load_rgb
 from src.inference.checkpoint import UnsafeCheckpointError, load_trained, read_checkpoint
 from src.utils.errors import UserError
 from tests import forkrun
-from tests.conftest import REPO, SMALL_IMAGES, make_imagefolder, run_cli
+from tests.conftest import REPO, SMALL_IMAGES, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,39 +28,20 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     return forkrun.run(module, *args, cwd=REPO, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """lite0 (packaged weights, so checkpoints are slim) trained 1 epoch on a tiny set with a test split."""
-    tmp = tmp_path_factory.mktemp("use")
-    data = make_imagefolder(tmp / "data", per_split={"train": 6, "val": 4, "test": 3}, size=(80, 60))
-    proc = run_cli(
-        *SMALL_IMAGES,  # the checkpoint records them: eval, predict and export use what it says
-        "experiment=lite0_fe",
-        f"data.root={data}",
-        "trainer.max_epochs=1",
-        f"hydra.run.dir={tmp / 'run'}",
-        scratch=tmp,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp / "run" / "summary.json").read_text())
-    return {"tmp": tmp, "data": data, "summary": summary, "ckpt": summary["best_checkpoint"]}
-
-
-def test_train_evaluates_the_best_checkpoint_on_test(trained):
-    test = trained["summary"]["test"]
+def test_train_evaluates_the_best_checkpoint_on_test(tiny_run):
+    test = tiny_run["summary"]["test"]
     assert test["samples"] == 6 and 0.0 <= test["accuracy"] <= 1.0
 
 
-def test_eval_metrics_equal_a_direct_computation(trained):
-    out = trained["tmp"] / "eval"
-    proc = run_module(
-        "src.eval", f"ckpt_path={trained['ckpt']}", f"data.root={trained['data']}", "split=val", f"hydra.run.dir={out}"
-    )
+def test_eval_metrics_equal_a_direct_computation(tiny_run):
+    out = tiny_run["tmp"] / "eval"
+    args = [f"ckpt_path={tiny_run['ckpt']}", f"data.root={tiny_run['data']}", "split=val", f"hydra.run.dir={out}"]
+    proc = run_module("src.eval", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    loaded = load_trained(trained["ckpt"])
+    loaded = load_trained(tiny_run["ckpt"])
     model, tf = loaded.model, loaded.transform
-    files = sorted((trained["data"] / "val").glob("*/*.png"))
+    files = sorted((tiny_run["data"] / "val").glob("*/*.png"))
     labels = torch.tensor([0 if f.parent.name == "ants" else 1 for f in files])
     with torch.inference_mode():
         log_probs = model(torch.stack([tf(load_rgb(f)) for f in files]))
@@ -95,20 +77,20 @@ def odd_images(folder: Path, source: Path) -> None:
     (folder / "broken.jpg").write_bytes((folder / "rgb.jpg").read_bytes()[:200])
 
 
-def test_predict_rows_for_every_file_and_errors_for_broken_ones(trained):
-    folder = trained["tmp"] / "inputs"
+def test_predict_rows_for_every_file_and_errors_for_broken_ones(tiny_run):
+    folder = tiny_run["tmp"] / "inputs"
     folder.mkdir()
-    odd_images(folder, next((trained["data"] / "val" / "bees").iterdir()))
-    out = trained["tmp"] / "predict"
+    odd_images(folder, next((tiny_run["data"] / "val" / "bees").iterdir()))
+    out = tiny_run["tmp"] / "predict"
     proc = run_module(
-        "src.predict", f"ckpt_path={trained['ckpt']}", f"input={folder}", "top_k=2", f"hydra.run.dir={out}"
+        "src.predict", f"ckpt_path={tiny_run['ckpt']}", f"input={folder}", "top_k=2", f"hydra.run.dir={out}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "predictions.csv") as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert len(rows) == 6
     assert [n for n, r in rows.items() if r["error"]] == ["broken.jpg"]
-    loaded = load_trained(trained["ckpt"])
+    loaded = load_trained(tiny_run["ckpt"])
     model, tf = loaded.model, loaded.transform
     for name, row in rows.items():
         if row["error"]:
@@ -145,13 +127,13 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torch_export", "torchscript"])
-def test_export_matches_pytorch(trained, fmt):
-    out = trained["tmp"] / f"export-{fmt}"
-    proc = run_module("src.export", f"ckpt_path={trained['ckpt']}", f"format={fmt}", f"hydra.run.dir={out}")
+def test_export_matches_pytorch(tiny_run, fmt):
+    out = tiny_run["tmp"] / f"export-{fmt}"
+    proc = run_module("src.export", f"ckpt_path={tiny_run['ckpt']}", f"format={fmt}", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "labels.txt").read_text().split() == ["ants", "bees"]
     assert json.loads((out / "export.json").read_text())["input"] == "N x 3 x 64 x 64"  # the checkpoint's crop
-    model = load_trained(trained["ckpt"]).model
+    model = load_trained(tiny_run["ckpt"]).model
     x = torch.randn(3, 3, 64, 64)  # a batch size the export never saw
     with torch.inference_mode():
         expected = model(x)
@@ -170,14 +152,14 @@ def test_export_matches_pytorch(trained, fmt):
     assert (got - expected).abs().max() <= 1e-4
 
 
-def test_the_onnx_bundle_runs_without_torch_and_agrees_with_the_python_api(trained, hymenoptera):
+def test_the_onnx_bundle_runs_without_torch_and_agrees_with_the_python_api(tiny_run, hymenoptera):
     """export.json + model.onnx in a process without torch (onnxruntime, numpy, PIL) against the Python API, on
     real photos of several sizes (the tiny model's classes are compared image by image)."""
     from src.inference import Classifier
 
-    out = trained["tmp"] / "export-onnx"
+    out = tiny_run["tmp"] / "export-onnx"
     if not (out / "export.json").exists():
-        proc = run_module("src.export", f"ckpt_path={trained['ckpt']}", "format=onnx", f"hydra.run.dir={out}")
+        proc = run_module("src.export", f"ckpt_path={tiny_run['ckpt']}", "format=onnx", f"hydra.run.dir={out}")
         assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "export.json").read_text())
     assert meta["classes"] == ["ants", "bees"] and meta["output"] == "log_probs"
@@ -189,13 +171,13 @@ def test_the_onnx_bundle_runs_without_torch_and_agrees_with_the_python_api(train
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     bundle = json.loads(ran.stdout)
-    api = [r["class"] for r in Classifier.from_checkpoint(trained["ckpt"], "cpu").predict(photos)]
+    api = [r["class"] for r in Classifier.from_checkpoint(tiny_run["ckpt"], "cpu").predict(photos)]
     agree = sum(a == b for a, b in zip(bundle, api, strict=True))
     assert agree >= len(photos) - 1, (agree, len(photos))  # PIL's resize vs torchvision's: one borderline image
 
 
-def test_slim_checkpoint_reproduces_the_full_one(trained, tmp_path):
-    slim_path = Path(trained["ckpt"])
+def test_slim_checkpoint_reproduces_the_full_one(tiny_run, tmp_path):
+    slim_path = Path(tiny_run["ckpt"])
     slim = torch.load(slim_path, map_location="cpu", weights_only=True)
     assert "backbone_ref" in slim and not any(k.startswith("backbone.") for k in slim["state_dict"])
     model = load_trained(slim_path).model
@@ -221,12 +203,12 @@ class Evil:
         return (os.system, (f"touch {self.sentinel}",))
 
 
-def test_checkpoint_that_would_run_code_is_refused_unrun(trained, tmp_path):
+def test_checkpoint_that_would_run_code_is_refused_unrun(tiny_run, tmp_path):
     sentinel = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Evil(str(sentinel))}}, evil)
     proc = run_module(
-        "src.predict", f"ckpt_path={evil}", f"input={trained['data'] / 'val'}", f"hydra.run.dir={tmp_path / 'out'}"
+        "src.predict", f"ckpt_path={evil}", f"input={tiny_run['data'] / 'val'}", f"hydra.run.dir={tmp_path / 'out'}"
     )
     assert proc.returncode == 1
     assert "Refusing" in proc.stdout + proc.stderr and "system" in proc.stdout + proc.stderr
@@ -247,16 +229,17 @@ def test_hyperparameters_naming_code_are_refused(tmp_path, hparams):
         read_checkpoint(path)
 
 
-def test_a_run_resumes_from_its_slim_checkpoint(trained):
-    run_dir = trained["tmp"] / "run"
+def test_a_run_resumes_from_its_slim_checkpoint(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run_dir)  # the shared run stays as it is
     proc = run_cli(
         *SMALL_IMAGES,
         "experiment=lite0_fe",
-        f"data.root={trained['data']}",
+        f"data.root={tiny_run['data']}",
         "trainer.max_epochs=2",
         "ckpt_path=last",
         f"hydra.run.dir={run_dir}",
-        scratch=trained["tmp"],
+        scratch=tiny_run["tmp"],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

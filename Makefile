@@ -7,7 +7,7 @@ ARGS ?=
 # pytest-xdist workers for make test / test-fast: one per core of the 2-core reference machine (0: in one process)
 TEST_WORKERS ?= 2
 
-.PHONY: install train test test-fast lint format tensorboard sweep bench bench-ft bench-data clean
+.PHONY: install train test test-fast lint format tensorboard sweep bench bench-predict bench-ft bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ clean: ## remove run outputs, caches and generated data (not .venv)
 
 bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes docs/benchmarks.md (DATA=... to change)
 	$(PY) -m benchmarks.bench_fe $(if $(DATA),--data $(DATA)) $(ARGS)
+
+bench-predict: $(STAMP) ## src.predict's images/s over hymenoptera's 397 photos against the forward pass alone; writes a section of docs/benchmarks.md
+	$(PY) -m benchmarks.predict_speed $(if $(DATA),--data $(DATA)) $(ARGS)
 
 bench-ft: $(STAMP) ## lite0_fe vs lite0_ft over 3 seeds on hymenoptera; writes docs/fe_vs_ft.md
 	$(PY) -m benchmarks.fe_vs_ft $(if $(DATA),--data $(DATA)) $(ARGS)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +121,25 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
 def main(cfg: DictConfig) -> None:
     server = build_server(cfg)
     log.info("Serving %s on http://%s:%s (POST /predict, GET /, /metadata, /health)", cfg.ckpt_path, cfg.host, cfg.port)
+    signal.signal(signal.SIGTERM, stop_on_sigterm(os.getpid()))
     server.run(host=str(cfg.host), port=int(cfg.port), generate_client_file=False, log_level=str(cfg.log_level))
+
+
+def stop_on_sigterm(server_pid: int) -> Callable[[int, Any], None]:
+    """A SIGTERM handler (``kill``, ``docker stop``, Kubernetes) that takes LitServe's Ctrl+C path in the
+    server process: its shutdown on any other path first puts a stop marker into the workers' request queue
+    through its queue manager, which is left waiting forever once the signal has interrupted the server's own
+    call to that manager. The processes LitServe forks inherit the handler: there SIGTERM does what it always
+    does, end the process (uvicorn re-raises it after its own graceful stop)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != server_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        raise KeyboardInterrupt
+
+    return handler
 
 
 if __name__ == "__main__":

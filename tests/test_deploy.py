@@ -81,6 +81,7 @@ def wandb_records(path: Path):
 
 def test_wandb_logs_offline_one_run_per_training_run(tmp_path, monkeypatch):
     """logger=wandb needs no network or account (offline); two runs in one process (a sweep) are two W&B runs."""
+    pytest.importorskip("wandb", reason="logger=wandb needs the optional wandb package: pip install -e '.[trackers]'")
     from src.train import train
 
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # not the user's ~/.config/wandb
@@ -146,7 +147,7 @@ def server(tiny_run):
     else:
         proc.kill()
         pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
-    yield port
+    yield {"port": port, "proc": proc, "log": log}
     family = descendants(proc.pid)  # LitServe's worker and API processes: a killed parent would orphan them
     proc.kill()
     proc.wait()
@@ -201,7 +202,7 @@ def test_the_server_answers_a_burst_like_the_api_and_refuses_bad_uploads(tiny_ru
     files = [p for p in tiny_run["images"] for _ in range(8)][:60]  # 60 requests, 8 at a time
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda p: (p.name, post(server, p.read_bytes(), p.name)), files))
+        answers = list(pool.map(lambda p: (p.name, post(server["port"], p.read_bytes(), p.name)), files))
     wall = time.perf_counter() - start
     for name, (status, body, _) in answers:
         assert status == 200 and body["class"] == want[name], (name, status, body)
@@ -210,15 +211,15 @@ def test_the_server_answers_a_burst_like_the_api_and_refuses_bad_uploads(tiny_ru
         f"60 requests, 8 concurrent: {60 / wall:.1f} requests/s, p50 {statistics.median(latency) * 1000:.0f} ms, "
         f"p95 {latency[int(0.95 * len(latency)) - 1] * 1000:.0f} ms"
     )
-    status, body, _ = post(server, b"this is not an image", "notes.txt")
+    status, body, _ = post(server["port"], b"this is not an image", "notes.txt")
     assert status == 400 and "not a decodable image" in body["detail"]
-    status, body, _ = post(server, os.urandom(11 * 1024 * 1024), "huge.jpg")  # max_upload_mb: 10
+    status, body, _ = post(server["port"], os.urandom(11 * 1024 * 1024), "huge.jpg")  # max_upload_mb: 10
     assert status == 413
-    with urllib.request.urlopen(f"http://127.0.0.1:{server}/metadata", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/metadata", timeout=10) as r:
         meta = json.loads(r.read())
     assert meta["classes"] == ["ants", "bees"] and meta["backbone"] == "efficientnet_lite0"
     assert "best_val_loss" in meta["training_metrics"]
-    status, body, _ = post(server, tiny_run["images"][0].read_bytes(), "again.png")  # still serving
+    status, body, _ = post(server["port"], tiny_run["images"][0].read_bytes(), "again.png")  # still serving
     assert status == 200
 
 
@@ -238,7 +239,7 @@ def test_the_page_shows_the_class_of_a_chosen_image_in_a_real_browser(tiny_run, 
         browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         try:
             page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{server}/")
+            page.goto(f"http://127.0.0.1:{server['port']}/")
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#top[data-class]:not([data-class=''])", timeout=30_000)
             assert page.get_attribute("#top", "data-class") == want
@@ -246,3 +247,18 @@ def test_the_page_shows_the_class_of_a_chosen_image_in_a_real_browser(tiny_run, 
             assert page.is_visible("#preview")
         finally:
             browser.close()
+
+
+def test_sigterm_stops_the_server_and_every_process_it_started(server):
+    """``kill``, ``docker stop`` and Kubernetes send SIGTERM: the server shuts down (status 0) with LitServe's
+    worker and API processes, in seconds. (The last test here: the module's server is gone after it.)"""
+    proc = server["proc"]
+    family = descendants(proc.pid)
+    assert len(family) >= 2, family  # at least the inference worker and the API server
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in family if alive(pid)], "LitServe processes left behind"
+    assert "Traceback" not in server["log"].read_text(), server["log"].read_text()[-3000:]

@@ -101,7 +101,7 @@ of {args.batch_size}, fp32 as src.predict runs it.
 
 | | images/s |
 |---|---|
-| src.predict over the folder ({workers} decoding workers; decode, transforms, forward, CSV rows) | {float(rate):.1f} |
+| src.predict over the folder (decoding workers: {workers}; decode, transforms, forward, CSV rows) | {float(rate):.1f} |
 | the model's forward pass alone on preprocessed batches | {forward:.1f} |
 | ratio | **{ratio:.2f}** |
 """

@@ -176,6 +176,26 @@ def test_the_onnx_bundle_runs_without_torch_and_agrees_with_the_python_api(tiny_
     assert agree >= len(photos) - 1, (agree, len(photos))  # PIL's resize vs torchvision's: one borderline image
 
 
+def test_the_readmes_onnx_snippet_runs_without_torch(tiny_run, tmp_path):
+    """The README's torch-free ONNX code, run as written (a process without torch, in the export folder)."""
+    from src.inference import Classifier
+
+    readme = (REPO / "README.md").read_text()
+    (snippet,) = [b.split("\n", 1)[1] for b in readme.split("```")[1::2] if "onnxruntime" in b]
+    out = tiny_run["tmp"] / "export-onnx"
+    if not (out / "export.json").exists():
+        proc = run_module("src.export", f"ckpt_path={tiny_run['ckpt']}", "format=onnx", f"hydra.run.dir={out}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    photo = tiny_run["images"][0]
+    folder = tmp_path / "bundle"
+    shutil.copytree(out, folder)
+    shutil.copy(photo, folder / "photo.jpg")  # a PNG under the README's name: PIL reads it by content
+    check = "import sys\n" + snippet + '\nassert "torch" not in sys.modules\n'
+    ran = subprocess.run([sys.executable, "-c", check], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip() == Classifier.from_checkpoint(tiny_run["ckpt"], "cpu").predict([photo])[0]["class"]
+
+
 def test_slim_checkpoint_reproduces_the_full_one(tiny_run, tmp_path):
     slim_path = Path(tiny_run["ckpt"])
     slim = torch.load(slim_path, map_location="cpu", weights_only=True)

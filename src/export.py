@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -42,20 +43,38 @@ FILTER_NAMES = {code: name for name, code in PIL_FILTERS.items()}
 def bundle_preprocessing(hparams: dict) -> dict:
     """What a client without torch does to an RGB image before the model: resize the short side to ``resize``
     with ``interpolation``, centre-crop ``center_crop``, scale to [0, 1], subtract ``mean``, divide by ``std``
-    (channels first)."""
+    (channels first), with torchvision's rounding (``rules``). Eval transforms other than that pair are
+    recorded as they are (``eval_transforms``) without ``resize``/``center_crop``: a client reading those keys
+    then fails instead of preprocessing differently."""
     record = hparams.get("preprocessing") or {}
     steps = record.get("eval_transforms") or []
-    resize = next((s for s in steps if str(s.get("transform", "")).endswith("Resize")), {})
-    size = resize.get("size")
-    filter_code = resize.get("interpolation", PIL_FILTERS["bilinear"])
-    return {
-        "resize": int(size[0] if isinstance(size, list | tuple) else size) if size is not None else None,
-        "center_crop": recorded_crop(hparams),
-        "interpolation": FILTER_NAMES.get(filter_code, str(filter_code)),
+    common = {
         "mean": list(record.get("mean") or []),
         "std": list(record.get("std") or []),
         "layout": "N x 3 x H x W, RGB, float32",
     }
+    kinds = [str(s.get("transform", "")).rsplit(".", 1)[-1] for s in steps]
+    sizes = [s.get("size") for s in steps]
+    code = steps[0].get("interpolation", PIL_FILTERS["bilinear"]) if steps else None
+    if kinds != ["Resize", "CenterCrop"] or any(side_of(size) is None for size in sizes) or code not in FILTER_NAMES:
+        return {"eval_transforms": steps, **common}
+    return {
+        "resize": side_of(sizes[0]),
+        "center_crop": side_of(sizes[1]),
+        "interpolation": FILTER_NAMES[code],
+        **common,
+        "rules": "resize: the short side to `resize`, the long side int(resize * long / short); center_crop: "
+        "offsets round((side - center_crop) / 2) (Python's round); the torchvision transforms' own rules",
+    }
+
+
+def side_of(size: Any) -> int | None:
+    """The one side length of a Resize/CenterCrop size (``256``, ``[256]``, or a square ``[224, 224]``)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    if isinstance(size, list | tuple) and 1 <= len(size) <= 2 and len(set(size)) == 1 and isinstance(size[0], int):
+        return size[0]
+    return None
 
 
 def recorded_crop(hparams: dict) -> int:
@@ -125,6 +144,14 @@ def main(cfg: DictConfig) -> None:
         with torch.inference_mode():
             got = torch.jit.load(str(path))(check)
     diff = float((got - expected).abs().max())
+    preprocessing = bundle_preprocessing(loaded.hparams)
+    if "resize" not in preprocessing:
+        log.warning(
+            "export.json: the checkpoint's eval transforms are not a short-side Resize then a square CenterCrop, so "
+            "they are recorded as they are (preprocessing.eval_transforms): a client without torch must reproduce "
+            "them; the README's recipe does not apply. %s",
+            preprocessing["eval_transforms"],
+        )
     (out_dir / "labels.txt").write_text("\n".join(classes) + "\n", **TEXT_OPTIONS)
     write_json(
         out_dir / "export.json",
@@ -135,7 +162,7 @@ def main(cfg: DictConfig) -> None:
             "input_name": "images",
             "output": "log_probs",  # N x classes log-probabilities: exp() gives probabilities summing to 1
             "classes": classes,  # in output order
-            "preprocessing": bundle_preprocessing(loaded.hparams),
+            "preprocessing": preprocessing,
             "source_checkpoint": str(cfg.ckpt_path),
             "source_checkpoint_sha256": sha256_file(Path(cfg.ckpt_path)),
             "max_abs_diff_vs_pytorch": diff,

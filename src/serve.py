@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from src.utils.cli import report_user_errors
 from src.utils.errors import ConfigError
+from src.utils.processes import die_with_parent
 
 log = logging.getLogger("src.serve")
 PAGE = Path(__file__).parent / "inference" / "static" / "index.html"
@@ -44,10 +45,11 @@ class ClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from src.inference.classifier import Classifier
 
+        die_with_parent()  # a kill -9 of the server must not leave this worker serving on its own
         self.classifier = Classifier.from_checkpoint(self.ckpt_path, torch.device(device))
 
     def decode_request(self, request):  # noqa: ANN001  (LitServe reads an annotation as the request schema)
-        from PIL import Image
+        from src.data.images import ImageShapeError, load_rgb
 
         upload = request.get("file") if hasattr(request, "get") else None
         if upload is None or not hasattr(upload, "file"):
@@ -55,8 +57,10 @@ class ClassifierAPI(ls.LitAPI):
         data = upload.file.read(self.max_upload_bytes + 1)
         if len(data) > self.max_upload_bytes:
             raise HTTPException(413, f"The upload is larger than {self.max_upload_bytes} bytes (max_upload_mb).")
-        try:
-            return self.classifier.tensor(Image.open(io.BytesIO(data)))
+        try:  # decoded as src.predict decodes a file: EXIF orientation, wide greyscale, draft JPEG decoding
+            return self.classifier.trained.transform(load_rgb(io.BytesIO(data), self.classifier.decode_min_side))
+        except ImageShapeError as err:
+            raise HTTPException(400, f"{upload.filename or 'the upload'}: {err}.") from None
         except Exception as err:  # not an image, truncated, a decompression bomb: the client's problem
             raise HTTPException(
                 400, f"{upload.filename or 'the upload'} is not a decodable image ({type(err).__name__})."
@@ -89,6 +93,32 @@ def metadata(ckpt_path: str) -> dict[str, Any]:
     }
 
 
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to: loopback, or every IPv4 / IPv6 interface
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The server's settings, checked before the checkpoint is read or any process starts."""
+    if str(cfg.host) not in HOSTS:
+        raise ConfigError(
+            f"host={cfg.host!r}: LitServe listens on 127.0.0.1 (this machine only), 0.0.0.0 (every IPv4 interface) "
+            "or :: (every IPv6 interface); a proxy in front of it can serve a name or a single interface."
+        )
+    port = cfg.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
+        raise ConfigError(f"port must be a whole number in [1024, 65535] (LitServe's range), got {port!r}.")
+    if str(cfg.log_level).lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level={cfg.log_level!r}: choose one of {', '.join(LOG_LEVELS)}.")
+    for key in ("max_upload_mb", "request_timeout_s"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
+    if str(cfg.accelerator) not in ("auto", "cpu", "cuda", "gpu"):
+        raise ConfigError(f"accelerator={cfg.accelerator!r}: choose auto, cpu or cuda.")
+    if str(cfg.accelerator) in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"accelerator={cfg.accelerator}, but torch sees no GPU here: use accelerator=auto or cpu.")
+
+
 def build_server(cfg: DictConfig) -> ls.LitServer:
     """The LitServer with its API and this project's page and metadata routes."""
     from fastapi.responses import HTMLResponse
@@ -97,6 +127,7 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}.")
+    check_settings(cfg)
     info = metadata(cfg.ckpt_path)  # the checkpoint read and checked before any worker starts
     max_bytes = int(float(cfg.max_upload_mb) * 1024 * 1024)
     api = ClassifierAPI(
@@ -109,11 +140,29 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         timeout=float(cfg.request_timeout_s),
         max_payload_size=max_bytes + 64 * 1024,  # the form's own bytes on top of the image
     )
+    server.app.middleware("http")(refuse_non_form_posts)
     page = PAGE.read_text(encoding="utf-8")
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
     server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
     server.app.add_api_route("/metadata", lambda: info, methods=["GET"])
     return server
+
+
+async def refuse_non_form_posts(request: Any, call_next: Callable) -> Any:
+    """POST /predict takes a multipart form: anything else (no body, JSON, raw bytes, a form without its
+    boundary) is the client's mistake, a 400 — LitServe would fail parsing it as JSON, a 500."""
+    from fastapi.responses import JSONResponse
+
+    kind = request.headers.get("content-type", "").lower()
+    if (
+        request.method == "POST"
+        and request.url.path == "/predict"
+        and not (kind.startswith("multipart/form-data") and "boundary=" in kind)
+    ):
+        return JSONResponse(
+            {"detail": "Send the image as a multipart form field named 'file' (curl -F file=@photo.jpg ...)."}, 400
+        )
+    return await call_next(request)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
@@ -122,7 +171,10 @@ def main(cfg: DictConfig) -> None:
     server = build_server(cfg)
     log.info("Serving %s on http://%s:%s (POST /predict, GET /, /metadata, /health)", cfg.ckpt_path, cfg.host, cfg.port)
     signal.signal(signal.SIGTERM, stop_on_sigterm(os.getpid()))
-    server.run(host=str(cfg.host), port=int(cfg.port), generate_client_file=False, log_level=str(cfg.log_level))
+    # LitServe's forked processes (the API server, the queue manager) end with this one, even on kill -9 (its
+    # spawned inference workers do the same in ClassifierAPI.setup): no orphan keeps the port
+    os.register_at_fork(after_in_child=die_with_parent)
+    server.run(host=str(cfg.host), port=int(cfg.port), generate_client_file=False, log_level=str(cfg.log_level).lower())
 
 
 def stop_on_sigterm(server_pid: int) -> Callable[[int, Any], None]:

@@ -6,6 +6,7 @@ fit, and write summary.json into the run's output folder.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import time
@@ -71,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fetch_weights(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", HUB_TIMEOUT_S))
     check_trainer_settings(cfg.trainer)
     check_monitor(cfg.get("callbacks"))
+    check_trackers(cfg.get("logger"))
     tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
     if tune.get("lr_find"):
         check_lr_find_settings(tune)
@@ -245,6 +247,28 @@ def check_monitor(callbacks: Any) -> None:
                 f"callbacks.{name}.monitor={monitor} is {'higher' if MONITORED[monitor] == 'max' else 'lower'} "
                 f"is better: set callbacks.{name}.mode={MONITORED[monitor]} (it is {mode})."
             )
+
+
+TRACKER_TIMEOUT_S = 5.0  # a tracking server that opens no connection in this long is reported, not waited on
+
+
+def check_trackers(loggers: DictConfig | None) -> None:
+    """Before any data work: the optional package a tracker needs is installed, and a tracking server named by
+    URL answers (MLflow's client would retry for minutes, training nothing, before it fails)."""
+    from src.utils.network import unreachable
+
+    for name, settings in (loggers or {}).items():
+        target = str((settings or {}).get("_target_", ""))
+        if target.endswith("WandbLogger") and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"logger.{name} (W&B) needs the optional wandb package: pip install -e '.[trackers]'.")
+        uri = str((settings or {}).get("tracking_uri") or "")
+        if target.endswith("MLFlowLogger") and uri.startswith(("http://", "https://")):
+            reason = unreachable(uri, TRACKER_TIMEOUT_S)
+            if reason:
+                raise ConfigError(
+                    f"logger.{name}.tracking_uri={uri}: {reason}. Start the server, fix the URI, or drop it to "
+                    "keep the run's own store (sqlite in the run folder)."
+                )
 
 
 def check_launch(trainer: L.Trainer) -> None:

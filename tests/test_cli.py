@@ -237,3 +237,24 @@ def test_bad_config_values_stop_before_any_data_work(override, message, tmp_path
     assert out.count(message) == 1, out[-2000:]
     assert "does not exist" not in out  # the missing data.root was never looked at
     assert not (tmp_path / "run" / "skipped_files.csv").exists()
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_tracker_that_cannot_work_stops_the_run_before_any_data_work(tracker, tmp_path, caplog, monkeypatch):
+    """An MLflow server that does not answer (its client would retry for minutes) or W&B not installed."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
+    overrides = {
+        "mlflow": ["logger=mlflow", f"logger.mlflow.tracking_uri=http://127.0.0.1:{port.getsockname()[1]}"],
+        "wandb": ["logger=wandb"],
+    }[tracker]
+    cfg = compose_train_cfg(tmp_path / "run", "experiment=lite0_fe", f"data.root={tmp_path / 'nowhere'}", *overrides)
+    code, out = main_exit(cfg, caplog)
+    port.close()
+    assert code == 1
+    assert ("cannot be reached" if tracker == "mlflow" else "pip install -e '.[trackers]'") in out, out[-2000:]
+    assert "does not exist" not in out

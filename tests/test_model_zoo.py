@@ -164,7 +164,7 @@ def test_timm_weights_that_cannot_be_had_stop_at_once_with_the_ways_out(tmp_path
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(timm_backbones, "hub_unreachable", lambda endpoint, timeout: "huggingface.co is offline")
+    monkeypatch.setattr(timm_backbones, "unreachable", lambda endpoint, timeout: "huggingface.co is offline")
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as info:
         build_backbone("timm/convnext_atto", "DEFAULT")

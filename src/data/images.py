@@ -10,6 +10,26 @@ from PIL import Image, ImageOps
 
 # 16- and 32-bit greyscale modes: PIL's convert() clips them to 255 instead of scaling
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# The eval transform resizes the short side (e.g. to 256): a 1×30,000-px strip of a few hundred bytes would
+# become 256×7.7 M pixels (9 GB). Photos, scans and panoramas stay well inside 25:1.
+MAX_ASPECT_RATIO = 25
+
+
+class ImageShapeError(ValueError):
+    """An image with an empty side or too elongated to preprocess."""
+
+
+def check_shape(size: tuple[int, int]) -> None:
+    """Refuse, from the header's size alone, an image with an empty side or a side over MAX_ASPECT_RATIO times
+    the other (its resize to the model's input would need gigabytes)."""
+    width, height = size
+    if min(width, height) < 1:
+        raise ImageShapeError(f"the image is {width}×{height} px: it has no pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageShapeError(
+            f"the image is {width}×{height} px, more than {MAX_ASPECT_RATIO} times longer than wide: resizing its "
+            "short side to the model's input would take gigabytes"
+        )
 
 
 def load_rgb(path: str | os.PathLike | BinaryIO, min_side: int | None = None) -> Image.Image:
@@ -21,11 +41,19 @@ def load_rgb(path: str | os.PathLike | BinaryIO, min_side: int | None = None) ->
     resize far below that anyway, so only resampling noise changes, at a fraction of the decoding time.
     """
     with Image.open(path) as img:
+        check_shape(img.size)
         if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
             scale = min_side / min(img.size)
             img.draft("RGB", (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))))
         img = ImageOps.exif_transpose(img)  # a fully loaded copy, rotated as the camera meant it
         return to_rgb(img)
+
+
+def pil_rgb(img: Image.Image) -> Image.Image:
+    """An in-memory PIL image prepared as ``load_rgb`` prepares a file: shape checked, EXIF orientation
+    applied, converted to RGB (wide greyscale scaled, not clipped)."""
+    check_shape(img.size)
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -163,6 +163,11 @@ def check_file(path: str) -> tuple[str | None, str | None, str | None]:
     return problem, hashlib.sha256(data).hexdigest(), signature(image) if image is not None else None
 
 
+# what a cached scan checked: raised when the preflight refuses more (2: images over 25:1, ImageShapeError), so
+# scans cached before are redone instead of passing such files on
+CHECKS = 2
+
+
 def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) -> Scan:
     """Every unusable file (and why), SHA-256 and ``signature`` over ``paths``; parallel, cached by the file list.
 
@@ -172,7 +177,7 @@ def scan(paths: list[str], workers: int, cache_dir: str | os.PathLike | None) ->
     checked = {p: stat_regular(p) for p in paths}  # one stat per file: kind and cache key
     bad = {p: why for p, (_, why) in checked.items() if why is not None}
     regular = [p for p in paths if p not in bad]
-    key = json_digest([[p, *stamp(checked[p][0])] for p in regular])
+    key = json_digest([CHECKS, *([p, *stamp(checked[p][0])] for p in regular)])
     cache = Path(cache_dir) / f"preflight-{key[:32]}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:

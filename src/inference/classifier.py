@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from src.data.images import load_rgb
+from src.data.images import load_rgb, pil_rgb
 from src.inference.checkpoint import TrainedModel, load_trained
 from src.inference.tta import check_tta, predict_log_probs
 
@@ -53,9 +53,12 @@ class Classifier:
         return self.trained.model
 
     def image(self, item: Item) -> Image.Image:
-        """An RGB image from a path or a PIL image (EXIF orientation applied to files)."""
+        """An RGB image from a path or a PIL image, prepared the same way either way (``load_rgb``: EXIF
+        orientation, wide greyscale scaled, shape checked)."""
         if isinstance(item, Image.Image):
-            return item.convert("RGB") if item.mode != "RGB" else item
+            return pil_rgb(item)
+        if not isinstance(item, str | os.PathLike):
+            raise TypeError(f"Classifier.predict takes image paths and PIL images, got {type(item).__name__}.")
         return load_rgb(item, self.decode_min_side)
 
     def tensor(self, item: Item) -> torch.Tensor:
@@ -82,6 +85,8 @@ class Classifier:
     ) -> list[dict[str, Any]]:
         """One result per item, in order (a single item gives a list of one). An unreadable file raises."""
         check_tta(tta)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}.")
         listed: Sequence[Item] = [items] if isinstance(items, str | os.PathLike | Image.Image) else list(items)
         out: list[dict[str, Any]] = []
         for start in range(0, len(listed), batch_size):

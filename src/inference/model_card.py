@@ -33,7 +33,7 @@ def model_card(
         "metrics: [accuracy, f1]",
         "---",
         "",
-        f"# {backbone.get('name', 'image')} classifier: {', '.join(classes)}",
+        f"# {backbone.get('name', 'image')} classifier: {', '.join(text(c) for c in classes)}",
         "",
         "## Model",
         "",
@@ -41,7 +41,7 @@ def model_card(
         + (" (frozen: a feature extractor)" if frozen else " (fine-tuned)"),
         f"- Head: Linear → ReLU → Dropout({(hparams.get('head') or {}).get('dropout')}) → Linear({len(classes)})"
         " → LogSoftmax: outputs log-probabilities, one per class in the order below",
-        f"- Classes ({len(classes)}): {', '.join(f'`{c}`' for c in classes)}",
+        f"- Classes ({len(classes)}): {', '.join(code(c) for c in classes)}",
         f"- Preprocessing: {describe_preprocessing(hparams.get('preprocessing') or {})}",
         "",
         "## Data",
@@ -51,7 +51,7 @@ def model_card(
         splits = [s for s in ("train", "val", "test") if s in images]
         lines += ["| class | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
         for c in classes:
-            lines.append(f"| {c} | " + " | ".join(str(images[s].get(c, 0)) for s in splits) + " |")
+            lines.append(f"| {text(c)} | " + " | ".join(str(images[s].get(c, 0)) for s in splits) + " |")
         lines.append("| **total** | " + " | ".join(str(sum(images[s].values())) for s in splits) + " |")
     else:
         lines.append("Not recorded.")
@@ -73,7 +73,7 @@ def model_card(
             lines += ["", "| class | F1 | precision | recall | images |", "|---|---|---|---|---|"]
             for c, m in per_class.items():
                 scores = " | ".join(fmt(m.get(k)) for k in ("f1", "precision", "recall"))
-                lines.append(f"| {c} | {scores} | {m.get('support')} |")
+                lines.append(f"| {text(c)} | {scores} | {m.get('support')} |")
         lines.append("")
     lines += [
         "## Limitations",
@@ -104,6 +104,20 @@ def describe_preprocessing(record: dict[str, Any]) -> str:
         if isinstance(s, dict)
     ]
     return " → ".join([*steps, "ToTensor", f"Normalize(mean={record.get('mean')}, std={record.get('std')})"])
+
+
+MARKDOWN_SPECIAL = "\\`*_[]<>|~"  # inline text and table cells: emphasis, code, links, HTML, columns
+
+
+def text(name: str) -> str:
+    """A class name (a folder name: anything) as literal Markdown text, in a line or a table cell: every
+    character Markdown or HTML could read as syntax escaped, so ``<img onerror=...>`` or ``a|b`` stay text."""
+    return "".join("\\" + ch if ch in MARKDOWN_SPECIAL else ch for ch in str(name))
+
+
+def code(name: str) -> str:
+    """A class name in a code span (shown as typed), or escaped text when it holds a backtick."""
+    return f"`{name}`" if "`" not in str(name) and str(name).strip() == str(name) else text(name)
 
 
 def fmt(value: Any) -> str:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from torch import nn
 
 from src.models.weights_files import is_local_path, load_local_state_dict
 from src.utils.errors import ConfigError, WeightsUnavailableError
 from src.utils.io import sha256_file
+from src.utils.network import unreachable
 
 PREFIX = "timm/"
 HUB_TIMEOUT_S = 5.0  # conf/model/classifier.yaml: model.backbone.hub_timeout_s; this only when absent
@@ -112,7 +111,7 @@ def pretrained_file(name: str, hub_timeout_s: float) -> Path:
         cached = try_to_load_from_cache(repo, filename)
         if isinstance(cached, str) and os.path.isfile(cached):
             return Path(cached)
-    reason = hub_unreachable(constants.ENDPOINT, hub_timeout_s) or (
+    reason = unreachable(constants.ENDPOINT, hub_timeout_s) or (
         "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
     )
     if not reason:
@@ -130,14 +129,3 @@ def pretrained_file(name: str, hub_timeout_s: float) -> Path:
         "  - pass a local file: model.backbone.weights=/path/to/model.safetensors;\n"
         "  - use an offline backbone: experiment=lite0_fe or lite2_fe (ImageNet weights from pip packages)."
     )
-
-
-def hub_unreachable(endpoint: str, timeout_s: float) -> str:
-    """Why the hub cannot be reached (empty when a TCP connection opens within ``timeout_s``)."""
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
-            return ""
-    except OSError as err:
-        return f"{url.hostname} cannot be reached ({err.__class__.__name__}: {err})"

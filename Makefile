@@ -7,7 +7,7 @@ ARGS ?=
 # pytest-xdist workers for make test / test-fast: one per core of the 2-core reference machine (0: in one process)
 TEST_WORKERS ?= 2
 
-.PHONY: install train test test-fast lint format tensorboard sweep bench bench-predict bench-ft bench-data clean
+.PHONY: install train test test-fast lint format tensorboard sweep bench bench-predict bench-scale bench-ft bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes doc
 
 bench-predict: $(STAMP) ## src.predict's images/s over hymenoptera's 397 photos against the forward pass alone; writes a section of docs/benchmarks.md
 	$(PY) -m benchmarks.predict_speed $(if $(DATA),--data $(DATA)) $(ARGS)
+
+bench-scale: $(STAMP) ## lite0_fe on 10,000 generated images: embed rate, peak RSS, cache size, cached rerun, +100 images; writes a section of docs/benchmarks.md
+	$(PY) -m benchmarks.bench_scale $(ARGS)
 
 bench-ft: $(STAMP) ## lite0_fe vs lite0_ft over 3 seeds on hymenoptera; writes docs/fe_vs_ft.md
 	$(PY) -m benchmarks.fe_vs_ft $(if $(DATA),--data $(DATA)) $(ARGS)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from benchmarks.report import replace_section
 from src.inference.classifier import Classifier
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,17 +57,6 @@ def forward_rate(ckpt: str, files: list[Path], batch_size: int, device: str) -> 
     for batch in batches:
         clf.probabilities(batch)  # its .cpu() waits for the GPU
     return len(files) / (time.perf_counter() - start)
-
-
-def replace_section(path: Path, title: str, body: str) -> None:
-    """Put ``## title`` + body into ``path`` in place of the section of that title (or at the end)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    head = f"\n## {title}"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + text[nxt:] if nxt != -1 else text[:start]
-    path.write_text(text.rstrip("\n") + f"\n{head}\n\n{body.strip()}\n")
 
 
 def main() -> None:

@@ -385,3 +385,34 @@ def test_audit_settings_are_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             check_audit_config(*args)
+
+
+@pytest.mark.parametrize("within", [False, True])
+def test_near_pairs_equal_a_brute_force_comparison_of_every_pair(within, monkeypatch):
+    """The chunked, split-ordered search finds exactly the pairs a check of every pair finds (clustered hashes
+    so that many pairs are near; blocks of rows spanning split boundaries: chunks of 128 rows)."""
+    from src.data import duplicates
+    from src.data.duplicates import NearRule, near_pairs
+
+    monkeypatch.setattr(duplicates, "CHUNK", 128)
+    rng = np.random.default_rng(0)
+    n = 600
+    centres = rng.integers(0, 256, (12, 8), dtype=np.uint8)
+    flips = (rng.random((n, 8)) < 0.05).astype(np.uint8) << rng.integers(0, 8, (n, 8)).astype(np.uint8)
+    hashes = centres[rng.integers(0, 12, n)] ^ flips
+    thumbs = rng.integers(0, 20, (n, 192), dtype=np.uint8)
+    items = [("train" if i < 350 else "val" if i < 530 else "test", f"img{i}") for i in range(n)]
+    signatures = {p: (hashes[i].tobytes() + thumbs[i].tobytes()).hex() for i, (_, p) in enumerate(items)}
+    rule = NearRule(max_hash_distance=6, max_colour_difference=8.0)
+    found = {(q.path_a, q.path_b, q.similarity) for q in near_pairs(items, signatures, rule, within)}
+
+    want = set()
+    words = [int.from_bytes(h.tobytes(), "little") for h in hashes]
+    for i in range(n):
+        for j in range(i + 1, n):
+            bits = (words[i] ^ words[j]).bit_count()
+            if bits > 6 or (not within and items[i][0] == items[j][0]):
+                continue
+            if np.abs(thumbs[i].astype(np.float32) - thumbs[j]).mean() <= 8.0:
+                want.add((items[i][1], items[j][1], 1 - bits / 64))
+    assert len(want) > 100 and found == want

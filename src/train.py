@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fetch_weights(backbone["name"], backbone.get("weights"), backbone.get("hub_timeout_s", HUB_TIMEOUT_S))
     check_trainer_settings(cfg.trainer)
     check_monitor(cfg.get("callbacks"))
-    check_trackers(cfg.get("logger"))
+    check_trackers(cfg.get("logger"), float(cfg.tracker_timeout_s))
     tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
     if tune.get("lr_find"):
         check_lr_find_settings(tune)
@@ -249,12 +249,9 @@ def check_monitor(callbacks: Any) -> None:
             )
 
 
-TRACKER_TIMEOUT_S = 5.0  # a tracking server that opens no connection in this long is reported, not waited on
-
-
-def check_trackers(loggers: DictConfig | None) -> None:
+def check_trackers(loggers: DictConfig | None, timeout_s: float) -> None:
     """Before any data work: the optional package a tracker needs is installed, and a tracking server named by
-    URL answers (MLflow's client would retry for minutes, training nothing, before it fails)."""
+    URL answers within ``timeout_s`` (MLflow's client would retry for minutes, training nothing, before it fails)."""
     from src.utils.network import unreachable
 
     for name, settings in (loggers or {}).items():
@@ -263,7 +260,7 @@ def check_trackers(loggers: DictConfig | None) -> None:
             raise ConfigError(f"logger.{name} (W&B) needs the optional wandb package: pip install -e '.[trackers]'.")
         uri = str((settings or {}).get("tracking_uri") or "")
         if target.endswith("MLFlowLogger") and uri.startswith(("http://", "https://")):
-            reason = unreachable(uri, TRACKER_TIMEOUT_S)
+            reason = unreachable(uri, timeout_s)
             if reason:
                 raise ConfigError(
                     f"logger.{name}.tracking_uri={uri}: {reason}. Start the server, fix the URI, or drop it to "

@@ -88,15 +88,19 @@ def recorded_crop(hparams: dict) -> int:
     raise UserError("The checkpoint records no eval crop or resize: pass image_size=N.")
 
 
+def dynamic_batch() -> dict[str, Any]:
+    """The exported graphs take any batch size (up to 4096 images at once) for InferenceNet's input ``x``."""
+    return {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(
         model,
         (example,),
         str(path),
         input_names=["images"],
         output_names=["log_probs"],
-        dynamic_shapes={"x": {0: batch}},
+        dynamic_shapes=dynamic_batch(),
         opset_version=opset,
         dynamo=True,
         external_data=False,  # one self-contained file
@@ -130,9 +134,8 @@ def main(cfg: DictConfig) -> None:
         got = run_onnx(path, check)
     elif cfg.format == "torch_export":  # torch.export's ExportedProgram (.pt2): torch.export.load(path).module()
         path = out_dir / "model.pt2"
-        batch = torch.export.Dim("batch", min=1, max=4096)
         with torch.no_grad():
-            program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+            program = torch.export.export(model, (example,), dynamic_shapes=dynamic_batch())
         torch.export.save(program, str(path))
         with torch.inference_mode():
             got = torch.export.load(str(path)).module()(check)

@@ -33,13 +33,14 @@ from src.utils.processes import die_with_parent
 
 log = logging.getLogger("src.serve")
 PAGE = Path(__file__).parent / "inference" / "static" / "index.html"
+API_PATH = "/predict"
 
 
 class ClassifierAPI(ls.LitAPI):
     """One image per request, batched by LitServe; the model is loaded in each worker's ``setup``."""
 
     def __init__(self, ckpt_path: str, top_k: int, max_upload_bytes: int, max_batch_size: int, batch_timeout: float):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
         self.ckpt_path, self.top_k, self.max_upload_bytes = ckpt_path, top_k, max_upload_bytes
 
     def setup(self, device: str) -> None:
@@ -49,7 +50,7 @@ class ClassifierAPI(ls.LitAPI):
         self.classifier = Classifier.from_checkpoint(self.ckpt_path, torch.device(device))
 
     def decode_request(self, request):  # noqa: ANN001  (LitServe reads an annotation as the request schema)
-        from src.data.images import ImageShapeError, load_rgb
+        from src.data.images import ImageShapeError
 
         upload = request.get("file") if hasattr(request, "get") else None
         if upload is None or not hasattr(upload, "file"):
@@ -58,7 +59,7 @@ class ClassifierAPI(ls.LitAPI):
         if len(data) > self.max_upload_bytes:
             raise HTTPException(413, f"The upload is larger than {self.max_upload_bytes} bytes (max_upload_mb).")
         try:  # decoded as src.predict decodes a file: EXIF orientation, wide greyscale, draft JPEG decoding
-            return self.classifier.trained.transform(load_rgb(io.BytesIO(data), self.classifier.decode_min_side))
+            return self.classifier.tensor(io.BytesIO(data))
         except ImageShapeError as err:
             raise HTTPException(400, f"{upload.filename or 'the upload'}: {err}.") from None
         except Exception as err:  # not an image, truncated, a decompression bomb: the client's problem
@@ -156,7 +157,7 @@ async def refuse_non_form_posts(request: Any, call_next: Callable) -> Any:
     kind = request.headers.get("content-type", "").lower()
     if (
         request.method == "POST"
-        and request.url.path == "/predict"
+        and request.url.path == API_PATH
         and not (kind.startswith("multipart/form-data") and "boundary=" in kind)
     ):
         return JSONResponse(

@@ -11,6 +11,7 @@ through the model at once.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from src.data.images import load_rgb, pil_rgb
 from src.inference.checkpoint import TrainedModel, load_trained
 from src.inference.tta import check_tta, predict_log_probs
 
-Item = str | os.PathLike | Image.Image
+Item = str | os.PathLike | io.IOBase | Image.Image
 
 
 @dataclass
@@ -53,12 +54,12 @@ class Classifier:
         return self.trained.model
 
     def image(self, item: Item) -> Image.Image:
-        """An RGB image from a path or a PIL image, prepared the same way either way (``load_rgb``: EXIF
-        orientation, wide greyscale scaled, shape checked)."""
+        """An RGB image from a path, a binary file object or a PIL image, prepared the same way each time
+        (``load_rgb``: EXIF orientation, wide greyscale scaled, shape checked)."""
         if isinstance(item, Image.Image):
             return pil_rgb(item)
-        if not isinstance(item, str | os.PathLike):
-            raise TypeError(f"Classifier.predict takes image paths and PIL images, got {type(item).__name__}.")
+        if not isinstance(item, str | os.PathLike | io.IOBase):
+            raise TypeError(f"Classifier.predict takes image paths, files and PIL images, got {type(item).__name__}.")
         return load_rgb(item, self.decode_min_side)
 
     def tensor(self, item: Item) -> torch.Tensor:
@@ -87,7 +88,7 @@ class Classifier:
         check_tta(tta)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}.")
-        listed: Sequence[Item] = [items] if isinstance(items, str | os.PathLike | Image.Image) else list(items)
+        listed: Sequence[Item] = [items] if isinstance(items, Item) else list(items)  # one item, or many
         out: list[dict[str, Any]] = []
         for start in range(0, len(listed), batch_size):
             batch = torch.stack([self.tensor(item) for item in listed[start : start + batch_size]])

@@ -44,7 +44,8 @@ def image_files(path: Path) -> list[Path]:
 
 class ImageFiles(Dataset):
     """Files decoded and preprocessed in DataLoader workers: (index, tensor, error); an unreadable file gives
-    an empty tensor and its error, and the others go on."""
+    an empty tensor and its error, and the others go on. It holds the classifier's transform and decode size
+    (``Classifier.tensor``'s two steps), not the classifier: a spawned worker would be sent the model too."""
 
     def __init__(self, files: list[Path], classifier: Classifier) -> None:
         self.files, self.transform, self.min_side = files, classifier.trained.transform, classifier.decode_min_side

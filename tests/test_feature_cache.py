@@ -60,7 +60,7 @@ def test_first_run_misses_then_a_second_run_hits(tiny_data, tmp_path):
 
 def test_cached_val_features_equal_a_fresh_pass(tiny_data, tmp_path):
     model, dm, cache = fit(tiny_data, tmp_path / "cache")
-    cached = dm.feature_sets["val"][0]
+    cached = dm.features_for("val")[0]
     cached_feats, cached_labels = cached.features, cached.labels
     model.eval()
     fresh = torch.cat([model.features(x) for x, _ in dm.image_loader("val", 3)])
@@ -72,8 +72,8 @@ def test_cached_val_features_equal_a_fresh_pass(tiny_data, tmp_path):
 def test_train_views_are_reproducible_and_distinct(tiny_data, tmp_path):
     _, dm_a, _ = fit(tiny_data, tmp_path / "a")
     _, dm_b, _ = fit(tiny_data, tmp_path / "b")  # a cold cache elsewhere: recomputed from scratch
-    feats_a, labels_a = dm_a.feature_sets["train"][0].features, dm_a.feature_sets["train"][0].labels
-    feats_b = dm_b.feature_sets["train"][0].features
+    feats_a, labels_a = dm_a.features_for("train")[0].features, dm_a.features_for("train")[0].labels
+    feats_b = dm_b.features_for("train")[0].features
     assert torch.equal(feats_a, feats_b)
     n = len(dm_a.datasets["train"])
     assert feats_a.shape[0] == 2 * n and torch.equal(labels_a[:n], labels_a[n:])
@@ -108,7 +108,7 @@ def test_changed_transform_or_precision_invalidates(tiny_data, tmp_path):
 def test_corrupt_cache_file_is_rebuilt_not_used(tiny_data, tmp_path, damage):
     cache_dir = tmp_path / "cache"
     _, dm, _ = fit(tiny_data, cache_dir, train_views=0)
-    good = dm.feature_sets["val"][0].features.clone()
+    good = dm.features_for("val")[0].features.clone()
     (path,) = cache_dir.glob("*/shard-*.pt")
     data = path.read_bytes()
     if damage == "truncate":
@@ -121,7 +121,7 @@ def test_corrupt_cache_file_is_rebuilt_not_used(tiny_data, tmp_path, damage):
         path.write_bytes(b"not a torch file")
     _, dm2, cache = fit(tiny_data, cache_dir, train_views=0)
     assert cache.stats["misses"] == 1 and cache.stats["hits"] == 0
-    assert torch.equal(dm2.feature_sets["val"][0].features, good)
+    assert torch.equal(dm2.features_for("val")[0].features, good)
     _, _, third = fit(tiny_data, cache_dir, train_views=0)  # the rebuilt file is whole again
     assert third.stats["hits"] == 1
 

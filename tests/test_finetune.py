@@ -121,11 +121,71 @@ def test_frozen_bn_policy_keeps_statistics_and_affine(tiny_data, tmp_path):
     assert seen_bn_train and not any(seen_bn_train)
 
 
-def test_finetuning_never_uses_the_feature_cache(tiny_data, tmp_path):
-    cache = FeatureCache(enabled=True, dir=tmp_path / "cache", train_views=1, eval_batch_size=64, embed_batch_size=4)
-    model, dm, trainer, _ = make_run(tiny_data, tmp_path, max_epochs=2, extra=[cache])
+class BatchKinds(L.Callback):
+    """What the first training and validation batch of every epoch held: (items, tensor dims, first group)."""
+
+    def __init__(self) -> None:
+        self.train: list[tuple] = []
+        self.val: list[tuple] = []
+
+    @staticmethod
+    def kind(batch) -> tuple:
+        return len(batch), batch[0].ndim, int(batch[2][0]) if len(batch) == 3 else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.train.append(self.kind(batch))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self.val.append(self.kind(batch))
+
+
+def test_each_fine_tuning_stage_trains_on_what_stays_frozen_in_it(tiny_data, tmp_path):
+    cache = FeatureCache(enabled=True, dir=tmp_path / "cache", train_views=2, eval_batch_size=64, embed_batch_size=4)
+    kinds = BatchKinds()
+    model, dm, trainer, probe = make_run(tiny_data, tmp_path, extra=[cache, kinds])
+    initial = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     trainer.fit(model, datamodule=dm)
-    assert not cache.stats["used"] and dm.feature_sets == {} and not (tmp_path / "cache").exists()
+    # epoch 0 (head only): pooled features; epoch 1 (layer4 trains): the outputs of stem..layer3, from which
+    # the model runs group 4 on; epoch 2 (every group): images
+    assert kinds.train == [(2, 2, None), (3, 4, 4), (2, 4, None)]
+    assert kinds.val == kinds.train
+    served = [s["served_from"] for s in cache.stats["stages"]]
+    assert served[0] == "pooled features" and served[1].startswith("outputs of stem..layer3")
+    assert served[2].startswith("images")
+    # 2 views of 12 train images + 8 val, for each of the two cached stages
+    assert cache.stats["embedded_images"] == 2 * (2 * 12 + 8)
+    s0, s1, _ = probe.states
+    assert same(s0, initial)
+    assert not same(group_state(s1, "layer4"), group_state(initial, "layer4"))  # trained on cached inputs
+    for g in GROUPS[:-1]:
+        assert same(group_state(s1, g), group_state(initial, g)), g
+    # a second run finds both stages' features on disk
+    again = FeatureCache(enabled=True, dir=tmp_path / "cache", train_views=2, eval_batch_size=64, embed_batch_size=4)
+    model, dm, trainer, _ = make_run(tiny_data, tmp_path / "again", extra=[again])
+    trainer.fit(model, datamodule=dm)
+    assert again.stats["embedded_images"] == 0 and again.stats["hits"] == 6
+
+
+def test_the_rest_of_the_backbone_from_a_prefix_equals_the_whole_forward():
+    model = tiny_model(dropout=0.0, lr=0.05).eval()
+    x = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        whole = model(x)
+        for cut in range(1, 5):
+            assert torch.allclose(model.head(model.features_from(model.frozen_prefix(x, cut), cut)), whole, atol=1e-5)
+
+
+def test_a_stage_whose_frozen_outputs_exceed_the_memory_cap_runs_on_images(tiny_data, tmp_path):
+    cache = FeatureCache(
+        enabled=True, dir=tmp_path / "cache", train_views=1, eval_batch_size=64, embed_batch_size=4, prefix_max_gb=0
+    )
+    kinds = BatchKinds()
+    model, dm, trainer, _ = make_run(tiny_data, tmp_path, max_epochs=2, extra=[cache, kinds])
+    trainer.fit(model, datamodule=dm)
+    assert kinds.train == [(2, 2, None), (2, 4, None)]
+    assert "model.cache.prefix_max_gb" in cache.stats["stages"][1]["served_from"]
 
 
 def resume(data: Path, root: Path, first_epochs: int, total: int):

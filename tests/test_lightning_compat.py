@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from hydra.core.utils import JobReturn, JobStatus
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torchmetrics import MeanMetric
@@ -67,6 +67,39 @@ def test_loop_progress_counters(fitted: tuple[Trainer, ModelCheckpoint, BoringMo
     trainer, _, _ = fitted
     assert compat.batches_done_this_epoch(trainer) == 3  # the last epoch's 3 batches
     assert compat.sampler_epoch(trainer) == 2 and compat.sampler_epoch(None) == 0
+
+
+def test_reload_loaders_every_epoch(tmp_path) -> None:
+    """Set from a callback's setup, the fit loop asks for fresh train and val loaders before every epoch."""
+    calls = {"train": 0, "val": 0}
+
+    class Counting(BoringModel):
+        def train_dataloader(self):
+            calls["train"] += 1
+            return super().train_dataloader()
+
+        def val_dataloader(self):
+            calls["val"] += 1
+            return super().val_dataloader()
+
+    class Reload(Callback):
+        def setup(self, trainer, pl_module, stage):
+            compat.reload_loaders_every_epoch(trainer)
+
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[Reload()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Counting())
+    assert calls == {"train": 3, "val": 3}
 
 
 def test_restore_metric_updates() -> None:

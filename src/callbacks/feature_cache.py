@@ -5,39 +5,50 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import Dataset, Subset
+from torch import nn
+from torch.utils.data import Dataset, Sampler, Subset
 
 from src.callbacks.finetuning import BackboneFinetuning
 from src.data.embedding_store import EmbeddingStore
 from src.data.features import FeatureSet, ViewSampler
 from src.data.seeding import KeySeededItems, mix
+from src.models.layer_groups import layer_groups
 from src.utils.errors import ConfigError, UserError
-from src.utils.lightning_compat import sampler_epoch
+from src.utils.lightning_compat import reload_loaders_every_epoch, sampler_epoch
 from src.utils.tensor_store import tensors_digest
 
 log = logging.getLogger(__name__)
 
 
 class FeatureCache(Callback):
-    """Precompute frozen-backbone features before the first epoch and serve the head from them.
+    """Compute what stays frozen once, keep it on disk, and train only what trains.
 
-    - val features (deterministic transforms) are computed once;
-    - ``train_views`` K > 0: K augmented views of every training image (the train transforms, seeded per
-      view), one drawn per image each epoch (src.data.features.ViewSampler); K = 0: train images go
-      through the backbone every epoch, freshly augmented, as the seed recipe does;
+    - feature extraction (the whole backbone frozen): pooled backbone features; val features (deterministic
+      transforms) once; ``train_views`` K > 0: K augmented views of every training image (the train
+      transforms, seeded per view), one drawn per image each epoch (src.data.features.ViewSampler); K = 0:
+      train images go through the backbone every epoch, freshly augmented, as the seed recipe does;
+    - fine-tuning (a BackboneFinetuning schedule): each epoch is served from what is frozen in it. Head-only
+      epochs train on pooled features (the same cache entries as feature extraction); epochs that train the
+      last N layer groups on the output of the groups below them (K views, val once), which then never run
+      again: only the trainable groups go forward and backward. That needs the backbone's forward as one
+      stage per group (src.models.layer_groups.group_stages, checked numerically) and those outputs within
+      ``prefix_max_gb`` in memory; otherwise, and once every group trains, the epochs run on images. The
+      loaders are rebuilt every epoch (the stage may change), the image loaders kept across epochs;
     - features are kept per image (src.data.embedding_store: keyed by the file's content, under a folder
-      named by backbone weights, transforms, precision, memory format, view and seed), so other splits,
-      folds and re-splits of the same images reuse them; a corrupt or partial file is rebuilt; writes are
-      atomic, so concurrent sweep jobs and later runs share them safely;
-    - used only when the run's BackboneFinetuning (the one owner of that decision) keeps the backbone frozen
-      for the whole run. The model tells feature batches (N×D) from images by their shape.
+      named by the frozen part's weights, transforms, precision, memory format, view and seed), so other
+      splits, folds, re-splits and runs reuse them; a corrupt or partial file is rebuilt; writes are atomic,
+      so concurrent sweep jobs and later runs share them safely.
+
+    The run's BackboneFinetuning is the one owner of what trains; this callback only reads its schedule.
+    Batches say what they hold: N×D pooled features, or (frozen-part outputs, labels, first group to run).
     """
 
     def __init__(
@@ -48,15 +59,21 @@ class FeatureCache(Callback):
         eval_batch_size: int,
         embed_batch_size: int,
         seed: int | None = None,
+        prefix_max_gb: float = 2.0,
     ) -> None:
         if int(train_views) < 0:
             raise ConfigError(f"model.cache.train_views must be >= 0, got {train_views}.")
+        if not float(prefix_max_gb) >= 0:
+            raise ConfigError(
+                f"model.cache.prefix_max_gb must be >= 0 (0: fine-tuning epochs run on images), got {prefix_max_gb}."
+            )
         self.enabled = bool(enabled)
         self.dir = Path(dir)
         self.train_views = int(train_views)
         self.eval_batch_size = int(eval_batch_size)
         self.embed_batch_size = int(embed_batch_size)
         self.seed = 0 if seed is None else int(seed)
+        self.prefix_max_gb = float(prefix_max_gb)
         self.stats: dict[str, Any] = {
             "used": False,
             "hits": 0,
@@ -64,76 +81,173 @@ class FeatureCache(Callback):
             "embedded_images": 0,
             "cached_images": 0,  # of the splits that needed some embedding, images read from the cache
             "embed_s": 0.0,
+            "stages": [],  # per schedule stage: its first epoch, the groups training, what its epochs run on
         }
 
     # ------------------------------------------------------------------------------------------- hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # after the datamodule's setup, before the optimizer (whose schedule counts the train batches)
-        self.sets: dict[str, FeatureSet] = {}
+        self.sets: dict[tuple[str, int], FeatureSet] = {}  # (split, frozen groups) -> features
+        self.cuts: dict[int, int | None] = {}  # trainable groups -> frozen groups served from the cache (None: images)
+        self.stats["stages"] = []
         if stage != "fit" or not self.enabled:
             return
         self.finetuner = next((c for c in trainer.callbacks if isinstance(c, BackboneFinetuning)), None)
-        if self.finetuner is None or not self.finetuner.keeps_backbone_frozen:
-            log.info("Feature cache not used: the backbone trains in this run (no frozen-backbone finetuning)")
+        if self.finetuner is None:
+            log.info("Feature cache not used: no BackboneFinetuning callback (the whole backbone trains)")
             return
-        if self.train_views > 0 and getattr(pl_module, "mixes_images", False):
-            raise ConfigError(
-                "model.mixup / model.cutmix mix images, but with a frozen backbone the feature cache trains the head "
-                "on features: set model.cache.enabled=false (images through the frozen backbone every epoch), "
-                "model.cache.train_views=0, or fine-tune (model.finetune.schedule)."
-            )
+        frozen = self.finetuner.keeps_backbone_frozen
+        if getattr(pl_module, "mixes_images", False):
+            if frozen and self.train_views > 0:
+                raise ConfigError(
+                    "model.mixup / model.cutmix mix images, but with a frozen backbone the feature cache trains the "
+                    "head on features: set model.cache.enabled=false (images through the frozen backbone every "
+                    "epoch), model.cache.train_views=0, or fine-tune (model.finetune.schedule)."
+                )
+            if not frozen:
+                log.info("Feature cache not used: MixUp/CutMix mix images, so every fine-tuning epoch runs on images")
+                return
+        self.groups = layer_groups(pl_module.hparams.backbone["name"], pl_module.backbone)
+        self.plan_stages(trainer, pl_module)
+        if all(cut is None for cut in self.cuts.values()):
+            return
         dm = trainer.datamodule
-        self.sets["val"] = FeatureSet(len(dm.datasets["val"]))
-        dm.use_features("val", self.sets["val"], batch_size=self.eval_batch_size)
+        dm.use_features("val", lambda epoch: self.source(trainer, "val", epoch))
         if self.train_views > 0:
-            n = len(dm.datasets["train"])
-            self.sets["train"] = FeatureSet(self.train_views * n)
-            dm.use_features(
-                "train",
-                self.sets["train"],
-                dm.batch_size,
-                ViewSampler(n, self.train_views, self.seed, lambda: sampler_epoch(trainer), dm.sample_weights()),
-            )
+            dm.use_features("train", lambda epoch: self.source(trainer, "train", epoch))
+        if not frozen:
+            reload_loaders_every_epoch(trainer)
         self.stats["used"] = True
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # the model now sits on its device: embed (or load) what setup promised, before the first batch
-        if not self.sets:
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.fill(trainer, pl_module, ("val",))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.fill(trainer, pl_module, ("val", "train"))  # a run resumed mid-epoch gets no on_train_epoch_start
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.fill(trainer, pl_module, ("val", "train"))  # a new fine-tuning stage: its frozen part's outputs
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def plan_stages(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """What each stage of the schedule runs on, decided once: pooled features while every group is frozen,
+        the frozen groups' outputs while some train (when the backbone runs as stages and they fit in
+        ``prefix_max_gb``), images once every group trains."""
+        total = len(self.groups)
+        starts = sorted({0, *(e["epoch"] for e in self.finetuner.schedule)})
+        stages = pl_module.backbone_stages()
+        for epoch in starts:
+            training = self.finetuner.groups_training_at(epoch, total)
+            if training in self.cuts:
+                continue
+            frozen = total - training
+            if frozen == total:
+                cut, served = total, "pooled features"
+            elif frozen == 0:
+                cut, served = None, "images (every group trains)"
+            elif stages is None:
+                cut, served = None, "images (this backbone's forward is not known as stages)"
+            else:
+                gb = self.prefix_gb(trainer, pl_module, frozen)
+                if gb > self.prefix_max_gb:
+                    cut, served = None, f"images ({gb:.2f} GB of frozen-part outputs > model.cache.prefix_max_gb)"
+                else:
+                    cut, served = frozen, f"outputs of {self.groups[0][0]}..{self.groups[frozen - 1][0]} ({gb:.2f} GB)"
+            self.cuts[training] = cut
+            self.stats["stages"].append({"from_epoch": epoch, "training_groups": training, "served_from": served})
+            log.info("Epochs from %d (%d of %d groups training) run on %s", epoch, training, total, served)
+
+    def prefix_gb(self, trainer: Trainer, pl_module: LightningModule, frozen: int) -> float:
+        """Memory for the first ``frozen`` groups' outputs of every val image and K views of every training
+        image, from one image through them on the CPU (16-bit precisions store 2 bytes a value)."""
+        dm = trainer.datamodule
+        x, _ = dm.datasets["val"][0]
+        with torch.inference_mode(), eval_mode(pl_module.backbone):
+            numel = pl_module.frozen_prefix(x[None].to(pl_module.device), frozen)[0].numel()
+        width = 2 if "16" in str(trainer.precision) else 4
+        rows = len(dm.datasets["val"]) + self.train_views * len(dm.datasets["train"])
+        return numel * width * rows / 1e9
+
+    def cut_at(self, epoch: int) -> int | None:
+        """How many layer groups, from the input side, the cache serves at ``epoch`` (None: images)."""
+        return self.cuts[self.finetuner.groups_training_at(epoch, len(self.groups))]
+
+    def source(self, trainer: Trainer, split: str, epoch: int) -> tuple[Dataset, Sampler | None, int] | None:
+        """(features, sampler, batch size) a loader of ``split`` serves at ``epoch``; None: images."""
+        cut = self.cut_at(epoch)
+        if cut is None:
+            return None
+        dm = trainer.datamodule
+        features = self.feature_set(trainer, split, cut)
+        pooled = cut == len(self.groups)
+        if split == "val":  # pooled features: a few large batches; frozen-part outputs still run groups
+            return features, None, self.eval_batch_size if pooled else dm.eval_batch_size
+        n = len(dm.datasets["train"])
+        views = ViewSampler(n, self.train_views, self.seed, lambda: sampler_epoch(trainer), dm.sample_weights())
+        return features, views, dm.batch_size
+
+    def feature_set(self, trainer: Trainer, split: str, cut: int) -> FeatureSet:
+        if (split, cut) not in self.sets:
+            size = len(trainer.datamodule.datasets[split]) * (self.train_views if split == "train" else 1)
+            self.sets[split, cut] = FeatureSet(size, start=None if cut == len(self.groups) else cut)
+        return self.sets[split, cut]
+
+    def fill(self, trainer: Trainer, pl_module: LightningModule, splits: tuple[str, ...]) -> None:
+        """Embed (or read) what this epoch's loaders serve, before its first batch; every rank calls it alike."""
+        if not self.stats["used"]:
             return
-        self.finetuner.apply_bn_policy(pl_module)  # embedding runs the backbone as training would see it
-        self._identity = feature_identity(pl_module, str(trainer.precision))
+        cut = self.cut_at(sampler_epoch(trainer))
+        splits = tuple(s for s in splits if s == "val" or self.train_views > 0)
+        if cut is None or all(self.feature_set(trainer, s, cut).features is not None for s in splits):
+            return
+        identity = frozen_identity(pl_module, str(trainer.precision), self.groups, cut)
         # DDP: rank zero embeds and writes; the others wait for it, then read the files (every rank holds
         # all features; Lightning's distributed sampler gives each its share of the indices)
         distributed = trainer.world_size > 1
         if distributed and not trainer.is_global_zero:
             trainer.strategy.barrier("feature_cache")
-        self.sets["val"].fill(*self.features(trainer, pl_module, "val", view=None))
-        if "train" in self.sets:
-            views = [self.features(trainer, pl_module, "train", view=k) for k in range(self.train_views)]
-            self.sets["train"].fill(torch.cat([f for f, _ in views]), torch.cat([y for _, y in views]))
+        for split in splits:
+            target = self.feature_set(trainer, split, cut)
+            if target.features is not None:
+                continue
+            if split == "val":
+                target.fill(*self.features(trainer, pl_module, identity, split, None, cut))
+                continue
+            views = [self.features(trainer, pl_module, identity, split, k, cut) for k in range(self.train_views)]
+            target.fill(torch.cat([f for f, _ in views]), torch.cat([y for _, y in views]))
         if distributed and trainer.is_global_zero:
             trainer.strategy.barrier("feature_cache")
 
     # ------------------------------------------------------------------------------------------- cache
 
     def features(
-        self, trainer: Trainer, pl_module: LightningModule, split: str, view: int | None
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        identity: dict[str, Any],
+        split: str,
+        view: int | None,
+        cut: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features N×D, labels N) of a split (and augmented view): the images already in the cache are
-        read, the others embedded and added."""
+        """(features, labels N) of a split (and augmented view) through the first ``cut`` groups (all of them:
+        pooled features): the images already in the cache are read, the others embedded and added."""
         dm = trainer.datamodule
         dataset = dm.datasets[split]
+        prefix = None if cut == len(self.groups) else cut
         feats, labels, embedded, seconds = cached_features(
-            EmbeddingStore(self.dir, feature_spec(self._identity, dataset, view, self.seed)),
+            EmbeddingStore(self.dir, feature_spec(identity, dataset, view, self.seed)),
             dataset,
             dm.digests,
             lambda subset: dm.image_loader(split, self.embed_batch_size, dataset=subset),
-            lambda loader: embed(pl_module, loader, trainer.precision_plugin.forward_context, trainer),
+            lambda loader: embed(pl_module, loader, trainer.precision_plugin.forward_context, trainer, prefix),
             view_seed=None if view is None else (self.seed, view),
             write=trainer.is_global_zero,  # another rank computing it means rank zero's file is out of its reach
         )
-        what = f"{split}{'' if view is None else f' view {view}'}"
+        what = f"{split}{'' if view is None else f' view {view}'}" + (
+            "" if prefix is None else f" up to {self.groups[cut - 1][0]}"
+        )
         if not embedded:
             self.stats["hits"] += 1
             log.info("Feature cache hit: %s (%d images) in %s", what, len(labels), self.dir)
@@ -153,11 +267,44 @@ class FeatureCache(Callback):
         return feats, labels
 
 
-def feature_identity(pl_module: LightningModule, precision: str) -> dict[str, Any]:
-    """What every cached feature of a run shares: the backbone's exact weights and numerics."""
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block, every submodule's own mode put back after: frozen parts are
+    embedded deterministically (BatchNorm statistics, no dropout) whatever the training loop set."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def frozen_identity(
+    pl_module: LightningModule, precision: str, groups: list[tuple[str, list[nn.Module]]], cut: int
+) -> dict[str, Any]:
+    """What the cached outputs of the first ``cut`` layer groups share: those groups' exact weights and the
+    numerics (all groups: the whole backbone's, ``feature_identity``)."""
+    if cut == len(groups):
+        return feature_identity(pl_module, precision)
+    state = {
+        f"{name}.{i}.{key}": t
+        for name, modules in groups[:cut]
+        for i, m in enumerate(modules)
+        for key, t in m.state_dict().items()
+    }
+    return {
+        **feature_identity(pl_module, precision, state_sha256=tensors_digest(state)),
+        "frozen_groups": [name for name, _ in groups[:cut]],
+    }
+
+
+def feature_identity(pl_module: LightningModule, precision: str, state_sha256: str | None = None) -> dict[str, Any]:
+    """What every cached feature of a run shares: the backbone's exact weights (or ``state_sha256``, of the
+    part that computes them) and numerics."""
     return {
         "backbone": pl_module.hparams.backbone["name"],
-        "backbone_state_sha256": tensors_digest(pl_module.backbone.state_dict()),
+        "backbone_state_sha256": state_sha256 or tensors_digest(pl_module.backbone.state_dict()),
         "precision": precision,
         "channels_last": bool(pl_module.hparams.backbone.get("channels_last", False)),
     }
@@ -213,16 +360,22 @@ def cached_features(
 
 
 def embed(
-    pl_module: LightningModule, loader: Any, forward_context: Any, trainer: Trainer | None = None
+    pl_module: LightningModule,
+    loader: Any,
+    forward_context: Any,
+    trainer: Trainer | None = None,
+    prefix: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the frozen backbone over a loader at the run's precision; features and labels on the CPU.
+    """Run the frozen backbone (or its first ``prefix`` layer groups) over a loader at the run's precision, in
+    eval mode; features and labels on the CPU.
 
     A SIGTERM stops it at the next batch (Lightning only checks between training batches)."""
     feats, labels = [], []
-    with torch.inference_mode(), forward_context():
+    with torch.inference_mode(), forward_context(), eval_mode(pl_module.backbone):
         for x, y in loader:
             if trainer is not None and trainer.received_sigterm:
                 raise SIGTERMException(143)
-            feats.append(pl_module.features(x.to(pl_module.device, non_blocking=True)).cpu())
+            x = x.to(pl_module.device, non_blocking=True)
+            feats.append((pl_module.features(x) if prefix is None else pl_module.frozen_prefix(x, prefix)).cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)

@@ -32,6 +32,9 @@ from src.utils.processes import start_worker
 log = logging.getLogger(__name__)
 
 
+Served = tuple[Dataset, Sampler | None, int]  # a split's precomputed features: dataset, sampler, batch size
+
+
 def default_num_workers() -> int:
     """Decoding workers when data.num_workers is null: Lightning's suggestion (the CPUs this process may use,
     less one for the main process, at least 1), at most 8."""
@@ -126,7 +129,8 @@ class ImageFolderDataModule(LightningDataModule):
         self.datasets: dict[str, ImageList] = {}
         self.classes: list[str] = []
         # split -> (dataset, sampler, batch size) of precomputed features that replace the images
-        self.feature_sets: dict[str, tuple[Dataset, Sampler | None, int]] = {}
+        self.feature_sets: dict[str, Callable[[int], Served | None]] = {}
+        self.image_loaders: dict[str, DataLoader] = {}
 
     # --------------------------------------------------------------------------------------- preparing
 
@@ -294,9 +298,16 @@ class ImageFolderDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ loaders
 
-    def use_features(self, split: str, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> None:
-        """Serve ``split`` from precomputed features (in memory, no workers) instead of decoding images."""
-        self.feature_sets[split] = (dataset, sampler, batch_size)
+    def use_features(self, split: str, source: Callable[[int], Served | None]) -> None:
+        """Serve ``split`` from precomputed features (in memory, no workers) in the epochs where ``source(epoch)``
+        gives (dataset, sampler or None, batch size); from images in the others. The image loader is then
+        built once and kept (Lightning asks for loaders every epoch when what they serve may change)."""
+        self.feature_sets[split] = source
+
+    def features_for(self, split: str) -> Served | None:
+        """What ``split`` is served from this epoch: (features, sampler, batch size), or None (images)."""
+        source = self.feature_sets.get(split)
+        return source(self._trainer_epoch()) if source is not None else None
 
     def image_loader(self, split: str, batch_size: int, dataset: Dataset | None = None) -> DataLoader:
         """A one-off, in-order loader over a split's images with its own transform (for embedding), or over
@@ -319,21 +330,35 @@ class ImageFolderDataModule(LightningDataModule):
         """Training: the seeded epoch order, this rank's share of it, resumable mid-epoch. Evaluation: in
         order; with several processes each takes every W-th item (Lightning's own distributed sampler is off
         in conf/trainer/ddp.yaml: it would reshuffle the seeded order and pad evaluation sets)."""
-        options: dict[str, Any] = {}
-        if split in self.feature_sets:  # no generator: see src.callbacks.rng_state for their one draw an epoch
-            dataset, sampler, batch_size = self.feature_sets[split]
-        else:
-            dataset, sampler = self.datasets[split], None
-            batch_size = self.batch_size if split == "train" else self.eval_batch_size
-            options = self._worker_options(seed_workers=True)
-            if self.seed is not None:
-                # own generator: creating the loader draws nothing from the global RNG (dropout's)
-                options["generator"] = torch.Generator().manual_seed(self.seed)
-                if shuffle:
-                    sampler = EpochSampler(
-                        len(dataset), self.seed, epoch_source=self._trainer_epoch, weights=self.sample_weights()
-                    )
-                    dataset = SeededItems(dataset, self.seed)
+        served = self.features_for(split)
+        if served is not None:  # no generator: see src.callbacks.rng_state for their one draw an epoch
+            return self._serve(*served, shuffle, {})
+        if split not in self.feature_sets:
+            return self._image_split_loader(split, shuffle)
+        if split not in self.image_loaders:  # images in this epoch, features in others: one image loader, kept
+            self.image_loaders[split] = self._image_split_loader(split, shuffle)
+        return self.image_loaders[split]
+
+    def _image_split_loader(self, split: str, shuffle: bool) -> DataLoader:
+        """A split's images through its transform, decoded by workers; training: seeded order and augmentation."""
+        dataset: Dataset = self.datasets[split]
+        sampler: Sampler | None = None
+        batch_size = self.batch_size if split == "train" else self.eval_batch_size
+        options = self._worker_options(seed_workers=True)
+        if self.seed is not None:
+            # own generator: creating the loader draws nothing from the global RNG (dropout's)
+            options["generator"] = torch.Generator().manual_seed(self.seed)
+            if shuffle:
+                sampler = EpochSampler(
+                    len(dataset), self.seed, epoch_source=self._trainer_epoch, weights=self.sample_weights()
+                )
+                dataset = SeededItems(dataset, self.seed)
+        return self._serve(dataset, sampler, batch_size, shuffle, options)
+
+    def _serve(
+        self, dataset: Dataset, sampler: Sampler | None, batch_size: int, shuffle: bool, options: dict[str, Any]
+    ) -> DataLoader:
+        """The loader over ``dataset``: resumable and sharded by rank when training, sharded when evaluating."""
         rank, world = self._ranks()
         if shuffle and sampler is None and self.sampler == "balanced":  # no seed: torch's own weighted draws
             sampler, shuffle = WeightedRandomSampler(self.sample_weights(), len(dataset), replacement=True), False

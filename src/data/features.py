@@ -14,11 +14,14 @@ class FeatureSet(Dataset):
     """(feature, label) pairs whose size is known before they are computed.
 
     Dataloaders (and Lightning's step estimates) can be built over it at set-up; the tensors are
-    filled in just before the first epoch, once the model sits on its device.
+    filled in just before the first epoch that serves them, once the model sits on its device.
+    ``start``: the features are the outputs of the backbone's first ``start`` layer groups (fine-tuning);
+    items are then (output, label, start), so a batch says which group the model goes on from.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, start: int | None = None) -> None:
         self.size = size
+        self.start = start
         self.features: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
 
@@ -30,10 +33,12 @@ class FeatureSet(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         if self.features is None:
             raise RuntimeError("FeatureSet read before its features were computed")
-        return self.features[i], self.labels[i]
+        if self.start is None:
+            return self.features[i], self.labels[i]
+        return self.features[i], self.labels[i], torch.tensor(self.start)
 
 
 class ViewSampler(Sampler[int]):

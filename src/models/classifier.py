@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from src.models.backbones import build_backbone, check_backbone_name
 from src.models.batch_mix import build_batch_mix
 from src.models.head import build_head, check_head
+from src.models.layer_groups import Stage, group_stages, stages_match
 from src.models.schedules import build_schedule, check_schedule
 from src.models.timm_backbones import HUB_TIMEOUT_S
 from src.utils.errors import ConfigError, UserError
@@ -31,7 +32,8 @@ class TransferClassifier(LightningModule):
     The model never decides what trains: a BaseFinetuning callback (src.callbacks.finetuning) freezes and
     unfreezes the backbone, sets its BatchNorm modes and says when a checkpoint may drop the frozen backbone
     (``drop_frozen_backbone``). A backbone with no trainable parameter runs under ``torch.inference_mode``.
-    A batch of N×D features (from the feature cache) goes through the head only.
+    A batch of N×D features (from the feature cache) goes through the head only; a batch (outputs of the
+    first S layer groups, labels, S) through the rest of the backbone and the head.
 
     All constructor arguments are plain values (str, float, list, dict), so checkpoints load with
     ``torch.load(weights_only=True)``. ``preprocessing`` (mean, std, eval transforms) makes a checkpoint
@@ -115,6 +117,32 @@ class TransferClassifier(LightningModule):
         """Log-probabilities, N × num_classes."""
         return self.head(self.features(x))
 
+    def backbone_stages(self) -> list[Stage] | None:
+        """The backbone's forward as one stage per layer group then pooling (src.models.layer_groups), checked
+        once against the backbone itself; None when its layout is not known (or the check fails)."""
+        stages = group_stages(self.backbone)  # closures over this backbone: built anew, never copied with the model
+        if stages is not None and not hasattr(self, "_stages_match"):
+            self._stages_match = stages_match(self.backbone, stages)
+        return stages if stages is not None and self._stages_match else None
+
+    def _run_stages(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+        stages = self.backbone_stages()
+        if stages is None:
+            raise RuntimeError(f"{self.hparams.backbone['name']}'s forward is not known as layer-group stages")
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for stage in stages[start:stop]:
+            x = stage(x)
+        return x
+
+    def frozen_prefix(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """The output of the backbone's first ``groups`` layer groups (what a fine-tuning stage keeps frozen)."""
+        return self._run_stages(x, 0, groups)
+
+    def features_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Pooled features from the output of the first ``start`` layer groups: the rest of the backbone."""
+        return self._run_stages(x, start, None)
+
     # ------------------------------------------------------------------------------------------- steps
 
     @property
@@ -122,13 +150,16 @@ class TransferClassifier(LightningModule):
         """True when training batches of images are mixed in pairs (MixUp/CutMix): cached features can't be."""
         return self.batch_mix is not None
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
+    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
         target = y
-        if stage == "train" and self.batch_mix is not None and x.ndim == 4:
+        if stage == "train" and self.batch_mix is not None and x.ndim == 4 and len(batch) == 2:
             x, target = self.batch_mix(x, y)  # soft targets; accuracy counts each image's larger share
             y = target.argmax(dim=1)
-        log_probs = self.head(x) if x.ndim == 2 else self(x)  # N×D: cached backbone features
+        if len(batch) == 3:  # cached outputs of the frozen groups, and the first group still to run
+            log_probs = self.head(self.features_from(x, int(batch[2][0])))
+        else:
+            log_probs = self.head(x) if x.ndim == 2 else self(x)  # N×D: cached pooled backbone features
         loss = self.criterion(log_probs, target)
         if stage == "train" and not torch.isfinite(loss):
             trainer = attached_trainer(self)
@@ -147,10 +178,10 @@ class TransferClassifier(LightningModule):
         )
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "val")
 
     # --------------------------------------------------------------------------------------- optimizer

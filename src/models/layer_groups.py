@@ -7,8 +7,9 @@ of their own, so Lightning's BaseFinetuning can freeze and unfreeze them like an
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 from src.utils.errors import ConfigError
@@ -48,6 +49,49 @@ def layer_groups(name: str, backbone: nn.Module) -> list[tuple[str, list[nn.Modu
     if not named:
         raise ConfigError(f"Backbone {name!r} has no parameters to group for fine-tuning.")
     return [(group, modules_holding(backbone, params)) for group, params in unique_names(named)]
+
+
+Stage = Callable[[torch.Tensor], torch.Tensor]
+
+
+def group_stages(backbone: nn.Module) -> list[Stage] | None:
+    """The backbone's forward as one callable per layer group (the same groups as ``layer_groups``), then the
+    pooling tail: composing them all is ``backbone(x)``. What runs below a fine-tuning stage's trainable
+    groups can then be computed once (src.callbacks.feature_cache). None where the layout is not known (the
+    caller checks the composition numerically anyway: ``stages_match``)."""
+    b = backbone
+    if all(hasattr(b, a) for a in ("conv1", "bn1", "maxpool", "layer1", "layer4")):
+        act = getattr(b, "relu", None) or getattr(b, "act1", None)  # torchvision | timm
+        if act is None:
+            return None
+        stages: list[Stage] = [lambda x: b.maxpool(act(b.bn1(b.conv1(x))))]
+        stages += [getattr(b, f"layer{i}") for i in range(1, 5)]
+        if hasattr(b, "forward_head"):  # timm: global pool, dropout, classifier (reset to identity)
+            return [*stages, b.forward_head]
+        return [*stages, lambda x: b.fc(torch.flatten(b.avgpool(x), 1))]
+    if all(hasattr(b, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        stages = [lambda x: b.bn1(b.conv_stem(x)), *b.blocks]
+        return [*stages, lambda x: b.bn2(b.conv_head(x)), b.forward_head]
+    return None
+
+
+def stages_match(backbone: nn.Module, stages: list[Stage], size: int = 64) -> bool:
+    """True when the stages composed give the backbone's own output on a random image (eval mode, no grad;
+    every module's mode put back)."""
+    modes = [(m, m.training) for m in backbone.modules()]
+    param = next(backbone.parameters())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            expected = backbone(x)
+            out = x
+            for stage in stages:
+                out = stage(out)
+        return out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def timm_parameter_groups(backbone: nn.Module) -> list[tuple[str, list[str]]]:

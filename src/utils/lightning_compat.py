@@ -59,6 +59,15 @@ def sampler_epoch(trainer: Trainer | None) -> int:
     return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
 
 
+def reload_loaders_every_epoch(trainer: Trainer) -> None:
+    """Have the fit loop ask the datamodule for its loaders before every epoch.
+
+    ``reload_dataloaders_every_n_epochs`` is a Trainer argument; a callback that learns at set-up that what the
+    loaders serve changes between epochs (the feature cache in a fine-tuning schedule) can only set the
+    attribute the data connector stored it in."""
+    trainer.reload_dataloaders_every_n_epochs = 1
+
+
 def restore_metric_updates(metric: Metric, update_count: int) -> None:
     """Mark a metric whose states were just put back as having seen ``update_count`` updates.
 

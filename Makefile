@@ -7,7 +7,7 @@ ARGS ?=
 # pytest-xdist workers for make test / test-fast: one per core of the 2-core reference machine (0: in one process)
 TEST_WORKERS ?= 2
 
-.PHONY: install train test test-fast lint format tensorboard sweep bench bench-predict bench-scale bench-ft bench-data clean
+.PHONY: install train test test-fast lint format tensorboard sweep bench bench-predict bench-scale bench-ft bench-ft-stages bench-engines bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,13 @@ bench-predict: $(STAMP) ## src.predict's images/s over hymenoptera's 397 photos 
 bench-scale: $(STAMP) ## lite0_fe on 10,000 generated images: embed rate, peak RSS, cache size, cached rerun, +100 images; writes a section of docs/benchmarks.md
 	$(PY) -m benchmarks.bench_scale $(ARGS)
 
-bench-ft: $(STAMP) ## lite0_fe vs lite0_ft over 3 seeds on hymenoptera; writes docs/fe_vs_ft.md
+bench-engines: $(STAMP) ## lite0's frozen forward under eager fp32/bf16, torch.compile and ONNX Runtime on hymenoptera val; writes a section of docs/benchmarks.md
+	$(PY) -m benchmarks.embed_engines $(if $(DATA),--data $(DATA)) $(ARGS)
+
+bench-ft-stages: $(STAMP) ## a lite0_ft epoch at each fine-tuning stage, cache on and off, on hymenoptera; writes a section of docs/benchmarks.md
+	$(PY) -m benchmarks.ft_stages $(if $(DATA),--data $(DATA)) $(ARGS)
+
+bench-ft: $(STAMP) ## lite0_fe vs lite0_ft (cache on and off) over 3 seeds on hymenoptera; writes docs/fe_vs_ft.md
 	$(PY) -m benchmarks.fe_vs_ft $(if $(DATA),--data $(DATA)) $(ARGS)
 
 bench-data: $(STAMP) ## splitting, audit, near-duplicates and k-fold cost on hymenoptera merged into one folder; writes docs/data_figures.md

@@ -29,13 +29,13 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "lite0_fe": ("lite0_fe", []),
     "lite0_ft": ("lite0_ft", []),
-    "lite0_ft, cache off": ("lite0_ft", ["model.cache.enabled=false"]),
+    "lite0_ft_uncached": ("lite0_ft", ["model.cache.enabled=false"]),
 }
 
 
 def run(variant: str, data: Path, seed: int, epochs: int, work: Path) -> dict:
     experiment, extra = VARIANTS[variant]
-    name = f"{variant.replace(', ', '-').replace(' ', '_')}-seed{seed}"
+    name = f"{variant}-seed{seed}"
     cmd = [
         sys.executable,
         "-m",
@@ -101,8 +101,8 @@ def main() -> None:
                 "blocks.6 + head_conv from epoch 2, every group from epoch 4, backbone at 0.1 x the head's LR, "
                 "warm-up + cosine schedule, BatchNorm frozen; its head-only epochs train on cached pooled features "
                 "and its blocks.6 + head_conv epochs on cached outputs of stem..blocks.5 (train_views=1: one "
-                "augmented view per image, the same each epoch). Cache off: every epoch through the whole backbone, "
-                "freshly augmented.",
+                "augmented view per image, the same each epoch). lite0_ft_uncached (model.cache.enabled=false): "
+                "every epoch through the whole backbone, freshly augmented.",
             ]
         )
         + "\n"

@@ -22,7 +22,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.callbacks.feature_cache import cached_features, embed, feature_identity, feature_spec
+from src.callbacks.feature_cache import cached_features, embed_batches, feature_identity, feature_spec
 from src.data.audit import check_audit_config, rank_label_issues, suspects_grid
 from src.data.datamodule import format_counts
 from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
@@ -70,8 +70,9 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
         everything,
         dm.digests,
         lambda subset: dm.image_loader("val", cfg.model.cache.embed_batch_size, dataset=subset),
-        lambda loader: embed(model, loader, trainer.precision_plugin.forward_context),
+        lambda loader: embed_batches(model, loader, trainer.precision_plugin.forward_context),
     )
+    feats = feats.tensor()
     log.info("Features of %d images: %d embedded in %.1f s, the rest from the cache", len(labels), embedded, embed_s)
 
     rank_start = time.perf_counter()

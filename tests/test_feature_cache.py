@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from src.callbacks.feature_cache import FeatureCache
+from src.callbacks.feature_cache import FeatureCache, cached_features
 from src.callbacks.finetuning import BackboneFinetuning
+from src.data.embedding_store import MERGE_AT, EmbeddingStore
 from src.data.features import ViewSampler
 from tests.factories import tiny_datamodule, tiny_model, tiny_trainer
 
@@ -61,7 +62,7 @@ def test_first_run_misses_then_a_second_run_hits(tiny_data, tmp_path):
 def test_cached_val_features_equal_a_fresh_pass(tiny_data, tmp_path):
     model, dm, cache = fit(tiny_data, tmp_path / "cache")
     cached = dm.features_for("val")[0]
-    cached_feats, cached_labels = cached.features, cached.labels
+    cached_feats, cached_labels = cached.features.tensor(), cached.labels
     model.eval()
     fresh = torch.cat([model.features(x) for x, _ in dm.image_loader("val", 3)])
     labels = torch.tensor([y for _, y in dm.datasets["val"].samples])
@@ -72,8 +73,8 @@ def test_cached_val_features_equal_a_fresh_pass(tiny_data, tmp_path):
 def test_train_views_are_reproducible_and_distinct(tiny_data, tmp_path):
     _, dm_a, _ = fit(tiny_data, tmp_path / "a")
     _, dm_b, _ = fit(tiny_data, tmp_path / "b")  # a cold cache elsewhere: recomputed from scratch
-    feats_a, labels_a = dm_a.features_for("train")[0].features, dm_a.features_for("train")[0].labels
-    feats_b = dm_b.features_for("train")[0].features
+    feats_a, labels_a = dm_a.features_for("train")[0].features.tensor(), dm_a.features_for("train")[0].labels
+    feats_b = dm_b.features_for("train")[0].features.tensor()
     assert torch.equal(feats_a, feats_b)
     n = len(dm_a.datasets["train"])
     assert feats_a.shape[0] == 2 * n and torch.equal(labels_a[:n], labels_a[n:])
@@ -108,7 +109,7 @@ def test_changed_transform_or_precision_invalidates(tiny_data, tmp_path):
 def test_corrupt_cache_file_is_rebuilt_not_used(tiny_data, tmp_path, damage):
     cache_dir = tmp_path / "cache"
     _, dm, _ = fit(tiny_data, cache_dir, train_views=0)
-    good = dm.features_for("val")[0].features.clone()
+    good = dm.features_for("val")[0].features.tensor().clone()
     (path,) = cache_dir.glob("*/shard-*.pt")
     data = path.read_bytes()
     if damage == "truncate":
@@ -121,7 +122,7 @@ def test_corrupt_cache_file_is_rebuilt_not_used(tiny_data, tmp_path, damage):
         path.write_bytes(b"not a torch file")
     _, dm2, cache = fit(tiny_data, cache_dir, train_views=0)
     assert cache.stats["misses"] == 1 and cache.stats["hits"] == 0
-    assert torch.equal(dm2.features_for("val")[0].features, good)
+    assert torch.equal(dm2.features_for("val")[0].features.tensor(), good)
     _, _, third = fit(tiny_data, cache_dir, train_views=0)  # the rebuilt file is whole again
     assert third.stats["hits"] == 1
 
@@ -176,3 +177,59 @@ def test_head_trained_on_fp32_features_agrees_on_bf16_features(lite0_on_hymenopt
     agreement = (pred32 == pred16).float().mean().item()
     print(f"fp32-vs-bf16 head agreement {agreement:.4f}, fp32 acc {(pred32 == val_y).float().mean():.4f}")
     assert agreement >= 0.98, agreement
+
+
+class Numbered(torch.utils.data.Dataset):
+    """n fake images: item i's "feature" is i repeated, its file digest derived from i."""
+
+    def __init__(self, n: int) -> None:
+        self.samples = [(f"img{i}.png", i % 2) for i in range(n)]
+        self.targets = [c for _, c in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return torch.full((4,), float(i)), self.targets[i]
+
+
+def run_cached(store, data: Numbered, fail_after: int | None = None, chunk_mb: float = 1e-5):
+    """cached_features over ``data`` in batches of 2 (16-byte rows, so chunk_mb=1e-5 writes a shard per
+    batch); ``fail_after``: the pass dies after that many batches."""
+    digests = {p: f"{i:064x}" for i, (p, _) in enumerate(data.samples)}
+
+    def embed(loader):
+        for b, (x, _) in enumerate(loader):
+            if fail_after is not None and b == fail_after:
+                raise KeyboardInterrupt
+            yield x
+
+    loader_for = lambda subset: torch.utils.data.DataLoader(subset, batch_size=2)  # noqa: E731
+    return cached_features(store, data, digests, loader_for, embed, chunk_mb=chunk_mb)
+
+
+def test_embedding_is_written_in_chunks_read_back_memory_mapped_and_resumes_where_it_stopped(tmp_path):
+    store = EmbeddingStore(tmp_path / "cache", {"spec": 1})
+    data = Numbered(9)
+    with pytest.raises(KeyboardInterrupt):
+        run_cached(store, data, fail_after=3)
+    assert len(store.shards()) == 3  # the three finished chunks stay on disk
+    rows, labels, embedded, _ = run_cached(store, data)
+    assert embedded == 3  # only the images the interrupted pass never reached
+    assert torch.equal(rows.tensor(), torch.arange(9.0)[:, None].expand(9, 4))
+    assert torch.equal(labels, torch.tensor(data.targets))
+    maps = Path("/proc/self/maps").read_text()
+    assert all(str(p) in maps for p in store.shards())  # the rows are read from the files in place
+    again, _, embedded, _ = run_cached(store, data)
+    assert embedded == 0 and torch.equal(again.tensor(), rows.tensor())
+
+
+def test_only_small_shards_are_merged(tmp_path):
+    store = EmbeddingStore(tmp_path / "cache", {"spec": 1})
+    big = store.write([f"{i:064x}" for i in range(100, 140)], torch.zeros(40, 4))
+    for i in range(MERGE_AT):
+        store.add([f"{i:064x}"], torch.full((1, 4), float(i)), small_rows=10)
+    shards = store.shards()
+    assert big in shards and len(shards) == 2  # the 8 one-row shards merged; the 40-row one left alone
+    sources, where = store.locate([f"{i:064x}" for i in range(MERGE_AT)])
+    assert [float(sources[s][r][0]) for s, r in where] == [float(i) for i in range(MERGE_AT)]

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 
 from src.callbacks.finetuning import BackboneFinetuning
 from src.data.embedding_store import EmbeddingStore
-from src.data.features import FeatureSet, ViewSampler
+from src.data.features import FeatureSet, Rows, ViewSampler
 from src.data.seeding import KeySeededItems, mix
 from src.models.layer_groups import layer_groups
 from src.utils.errors import ConfigError, UserError
@@ -40,12 +40,13 @@ class FeatureCache(Callback):
       last N layer groups on the output of the groups below them (K views, val once), which then never run
       again: only the trainable groups go forward and backward. That needs the backbone's forward as one
       stage per group (src.models.layer_groups.group_stages, checked numerically) and those outputs within
-      ``prefix_max_gb`` in memory; otherwise, and once every group trains, the epochs run on images. The
-      loaders are rebuilt every epoch (the stage may change), the image loaders kept across epochs;
+      ``prefix_max_gb``; otherwise, and once every group trains, the epochs run on images. The loaders are
+      rebuilt every epoch (the stage may change), the image loaders kept across epochs;
     - features are kept per image (src.data.embedding_store: keyed by the file's content, under a folder
       named by the frozen part's weights, transforms, precision, memory format, view and seed), so other
       splits, folds, re-splits and runs reuse them; a corrupt or partial file is rebuilt; writes are atomic,
-      so concurrent sweep jobs and later runs share them safely.
+      so concurrent sweep jobs and later runs share them safely. New features are written in ``chunk_mb``
+      shards as they are computed and read back memory-mapped: nothing holds all of them in memory.
 
     The run's BackboneFinetuning is the one owner of what trains; this callback only reads its schedule.
     Batches say what they hold: N×D pooled features, or (frozen-part outputs, labels, first group to run).
@@ -60,6 +61,7 @@ class FeatureCache(Callback):
         embed_batch_size: int,
         seed: int | None = None,
         prefix_max_gb: float = 2.0,
+        chunk_mb: float = 256.0,
     ) -> None:
         if int(train_views) < 0:
             raise ConfigError(f"model.cache.train_views must be >= 0, got {train_views}.")
@@ -74,6 +76,9 @@ class FeatureCache(Callback):
         self.embed_batch_size = int(embed_batch_size)
         self.seed = 0 if seed is None else int(seed)
         self.prefix_max_gb = float(prefix_max_gb)
+        if not float(chunk_mb) > 0:
+            raise ConfigError(f"model.cache.chunk_mb must be > 0, got {chunk_mb}.")
+        self.chunk_mb = float(chunk_mb)
         self.stats: dict[str, Any] = {
             "used": False,
             "hits": 0,
@@ -160,7 +165,7 @@ class FeatureCache(Callback):
             log.info("Epochs from %d (%d of %d groups training) run on %s", epoch, training, total, served)
 
     def prefix_gb(self, trainer: Trainer, pl_module: LightningModule, frozen: int) -> float:
-        """Memory for the first ``frozen`` groups' outputs of every val image and K views of every training
+        """Size of the first ``frozen`` groups' outputs for every val image and K views of every training
         image, from one image through them on the CPU (16-bit precisions store 2 bytes a value)."""
         dm = trainer.datamodule
         x, _ = dm.datasets["val"][0]
@@ -199,6 +204,8 @@ class FeatureCache(Callback):
         if not self.stats["used"]:
             return
         cut = self.cut_at(sampler_epoch(trainer))
+        for key in [k for k in self.sets if k[1] != cut]:  # an earlier stage's features: never served again
+            del self.sets[key]
         splits = tuple(s for s in splits if s == "val" or self.train_views > 0)
         if cut is None or all(self.feature_set(trainer, s, cut).features is not None for s in splits):
             return
@@ -216,7 +223,7 @@ class FeatureCache(Callback):
                 target.fill(*self.features(trainer, pl_module, identity, split, None, cut))
                 continue
             views = [self.features(trainer, pl_module, identity, split, k, cut) for k in range(self.train_views)]
-            target.fill(torch.cat([f for f, _ in views]), torch.cat([y for _, y in views]))
+            target.fill(Rows.cat([f for f, _ in views]), torch.cat([y for _, y in views]))
         if distributed and trainer.is_global_zero:
             trainer.strategy.barrier("feature_cache")
 
@@ -230,7 +237,7 @@ class FeatureCache(Callback):
         split: str,
         view: int | None,
         cut: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Rows, torch.Tensor]:
         """(features, labels N) of a split (and augmented view) through the first ``cut`` groups (all of them:
         pooled features): the images already in the cache are read, the others embedded and added."""
         dm = trainer.datamodule
@@ -241,9 +248,10 @@ class FeatureCache(Callback):
             dataset,
             dm.digests,
             lambda subset: dm.image_loader(split, self.embed_batch_size, dataset=subset),
-            lambda loader: embed(pl_module, loader, trainer.precision_plugin.forward_context, trainer, prefix),
+            lambda loader: embed_batches(pl_module, loader, trainer.precision_plugin.forward_context, trainer, prefix),
             view_seed=None if view is None else (self.seed, view),
             write=trainer.is_global_zero,  # another rank computing it means rank zero's file is out of its reach
+            chunk_mb=self.chunk_mb,
         )
         what = f"{split}{'' if view is None else f' view {view}'}" + (
             "" if prefix is None else f" up to {self.groups[cut - 1][0]}"
@@ -326,56 +334,97 @@ def cached_features(
     dataset: Any,
     digests: dict[str, str],
     loader_for: Callable[[Dataset], Any],
-    embed_loader: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+    embed_batches: Callable[[Any], Iterator[torch.Tensor]],
     view_seed: tuple[int, int] | None = None,
     write: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """(features, labels, images embedded now, seconds spent) of every image of ``dataset``: the stored
-    rows of ``store``, the rest embedded through ``embed_loader(loader_for(subset))`` and stored.
+    chunk_mb: float = 256.0,
+) -> tuple[Rows, torch.Tensor, int, float]:
+    """(features, labels, images embedded now, seconds spent) of every image of ``dataset``: the rows stored
+    in ``store`` (memory-mapped), the rest embedded through ``embed_batches(loader_for(subset))`` and stored
+    as they come, one shard per ``chunk_mb`` of features, so a pass over any number of images holds one
+    chunk in memory (and a pass cut short keeps the chunks it wrote).
 
     ``view_seed`` (seed, view): an augmented view, each image transformed under a seed from (seed, view,
     its content), so the view is the same whichever run, split or fold embeds it.
     """
     keys = [digests[p] for p, _ in dataset.samples]
     labels = torch.tensor(dataset.targets, dtype=torch.long)
-    found, missing = store.lookup(keys)
-    if not missing:
-        return found, labels, 0, 0.0
-    start = time.perf_counter()
-    subset: Dataset = Subset(dataset, missing)
-    if view_seed is not None:
-        subset = KeySeededItems(subset, [mix(*view_seed, int(keys[i][:15], 16)) for i in missing])
-    with torch.random.fork_rng(devices=[]):  # a cold cache must not shift the run's RNG (dropout, shuffling)
-        new, _ = embed_loader(loader_for(subset))  # (creating a loader draws its workers' base seed from it)
-    seconds = time.perf_counter() - start
-    if write:
-        try:
-            store.add([keys[i] for i in missing], new)
-        except (OSError, RuntimeError, UserError) as err:  # full or read-only cache folder: go on from memory
-            log.warning("Could not write the feature cache %s (%s); going on from memory", store.folder, err)
-    if found is None:
-        found = torch.zeros(len(keys), *new.shape[1:], dtype=new.dtype)
-    found[torch.tensor(missing, dtype=torch.long)] = new
-    return found, labels, len(missing), seconds
+    sources, where = store.locate(keys)
+    missing = [i for i, w in enumerate(where) if w is None]
+    seconds = 0.0
+    if missing:
+        start = time.perf_counter()
+        subset: Dataset = Subset(dataset, missing)
+        if view_seed is not None:
+            subset = KeySeededItems(subset, [mix(*view_seed, int(keys[i][:15], 16)) for i in missing])
+        done = 0
+        pending: list[torch.Tensor] = []
+
+        def flush() -> None:
+            nonlocal done
+            chunk = torch.cat(pending)
+            pending.clear()
+            rows = missing[done : done + len(chunk)]
+            placed = store_chunk(store, [keys[i] for i in rows], chunk, write, chunk_mb)
+            for i, (source, row) in zip(rows, placed, strict=True):
+                where[i] = (len(sources) + source, row)
+            sources.extend(placed.sources)
+            done += len(chunk)
+
+        with torch.random.fork_rng(devices=[]):  # a cold cache must not shift the run's RNG (dropout, shuffling)
+            for feats in embed_batches(loader_for(subset)):  # (a loader draws its workers' base seed from it)
+                pending.append(feats)
+                if sum(f.numel() * f.element_size() for f in pending) >= chunk_mb * 1e6:
+                    flush()
+            if pending:
+                flush()
+        seconds = time.perf_counter() - start
+    return Rows(sources, torch.tensor(where, dtype=torch.long).reshape(-1, 2)), labels, len(missing), seconds
 
 
-def embed(
+class Placed(list):
+    """(source, row) of each row of a chunk, and the chunk's sources (the shard written, memory-mapped; or
+    the chunk itself when it could not be written)."""
+
+    def __init__(self, rows: list[tuple[int, int]], sources: list[torch.Tensor]) -> None:
+        super().__init__(rows)
+        self.sources = sources
+
+
+def store_chunk(store: EmbeddingStore, keys: list[str], chunk: torch.Tensor, write: bool, chunk_mb: float) -> Placed:
+    """Write one chunk of new features as a shard and read it back memory-mapped (the chunk's memory is then
+    freed); kept in memory when the cache folder can't take it or the shard vanished at once."""
+    in_memory = Placed([(0, j) for j in range(len(chunk))], [chunk])
+    if not write:  # another rank computing it means rank zero's file is out of its reach
+        return in_memory
+    small = int(chunk_mb * 1e6 // max(chunk[0].numel() * chunk.element_size(), 1) // 2) if len(chunk) else 0
+    try:
+        path = store.add(keys, chunk, small_rows=small)
+    except (OSError, RuntimeError, UserError) as err:  # full or read-only cache folder: go on from memory
+        log.warning("Could not write the feature cache %s (%s); going on from memory", store.folder, err)
+        return in_memory
+    shard = store.read(path)
+    if shard is None:  # merged away by another process in between
+        return in_memory
+    stored, features = shard
+    rows = {key.tobytes(): r for r, key in enumerate(stored.numpy())}
+    return Placed([(0, rows[bytes.fromhex(k)]) for k in keys], [features])
+
+
+def embed_batches(
     pl_module: LightningModule,
     loader: Any,
     forward_context: Any,
     trainer: Trainer | None = None,
     prefix: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Iterator[torch.Tensor]:
     """Run the frozen backbone (or its first ``prefix`` layer groups) over a loader at the run's precision, in
-    eval mode; features and labels on the CPU.
+    eval mode; each batch's features on the CPU, as they come.
 
     A SIGTERM stops it at the next batch (Lightning only checks between training batches)."""
-    feats, labels = [], []
     with torch.inference_mode(), forward_context(), eval_mode(pl_module.backbone):
-        for x, y in loader:
+        for x, _ in loader:
             if trainer is not None and trainer.received_sigterm:
                 raise SIGTERMException(143)
             x = x.to(pl_module.device, non_blocking=True)
-            feats.append((pl_module.features(x) if prefix is None else pl_module.frozen_prefix(x, prefix)).cpu())
-            labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+            yield (pl_module.features(x) if prefix is None else pl_module.frozen_prefix(x, prefix)).cpu()

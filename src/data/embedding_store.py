@@ -2,9 +2,11 @@
 
 Rows are keyed by the SHA-256 of the image file's bytes (the preflight computes it anyway), under a folder
 named by everything else that shapes a feature: backbone weights, precision, memory format, transform,
-decoder, and for augmented views the view number and seed. New rows go into a new shard file (atomic,
-verified on read); many shards are merged into one now and then. A moved or renamed image is found again;
-an edited one is embedded anew.
+decoder, and for augmented views the view number and seed. New rows go into new shard files as they are
+computed (atomic, verified on read; one per chunk of a large embedding pass); many small shards are merged
+now and then. A moved or renamed image is found again; an edited one is embedded anew. Shards are read
+memory-mapped (torch.load(mmap=True)): training reads features from the file as it touches them; they are
+never gathered into memory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from src.utils.io import json_digest
 from src.utils.tensor_store import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
-MERGE_AT = 8  # shards in a folder before they are merged into one
+MERGE_AT = 8  # small shards in a folder before they are merged into one
 
 
 class EmbeddingStore:
@@ -35,38 +37,33 @@ class EmbeddingStore:
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("shard-*.pt")) if self.folder.is_dir() else []
 
-    def rows(self) -> dict[bytes, torch.Tensor]:
-        """Every stored (key, feature) of this spec; damaged shards are skipped (their images re-embedded)."""
-        found: dict[bytes, torch.Tensor] = {}
+    def read(self, path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys K×32 bytes, features) of a shard, memory-mapped and verified; None when vanished (merged away),
+        partial or corrupt (its images are embedded again)."""
+        tensors = load_tensors(path, self.spec, mmap=True)
+        return None if tensors is None else (tensors["keys"], tensors["features"])
+
+    def locate(self, keys: list[str]) -> tuple[list[torch.Tensor], list[tuple[int, int] | None]]:
+        """(the shards' feature tensors, memory-mapped; for each key its (shard, row) or None when absent)."""
+        sources: list[torch.Tensor] = []
+        index: dict[bytes, tuple[int, int]] = {}
         for path in self.shards():
-            tensors = load_tensors(path, self.spec)  # None when vanished (merged away), partial or corrupt
-            if tensors is None:
+            shard = self.read(path)
+            if shard is None:
                 continue
-            for key, row in zip(tensors["keys"], tensors["features"], strict=True):
-                found[bytes(key.tolist())] = row
-        return found
+            stored, features = shard
+            for row, key in enumerate(stored.numpy()):
+                index[key.tobytes()] = (len(sources), row)
+            sources.append(features)
+        return sources, [index.get(bytes.fromhex(k)) for k in keys]
 
-    def lookup(self, keys: list[str]) -> tuple[torch.Tensor | None, list[int]]:
-        """(features N x D with the found rows filled, or None when none was found; indices not found)."""
-        stored = self.rows()
-        hits = [stored.get(bytes.fromhex(k)) for k in keys]
-        missing = [i for i, row in enumerate(hits) if row is None]
-        present = [row for row in hits if row is not None]
-        if not present:
-            return None, missing
-        out = torch.zeros(len(keys), *present[0].shape, dtype=present[0].dtype)
-        for i, row in enumerate(hits):
-            if row is not None:
-                out[i] = row
-        return out, missing
-
-    def add(self, keys: list[str], features: torch.Tensor) -> Path:
-        """Store new rows as one shard; merge the folder's shards when there are many."""
+    def add(self, keys: list[str], features: torch.Tensor, small_rows: int = 0) -> Path:
+        """Store new rows as one shard; merge the shards under ``small_rows`` rows when there are many."""
         unique = {k: i for i, k in enumerate(keys)}  # identical files: one row
         index = torch.tensor(list(unique.values()), dtype=torch.long)
         path = self.write(list(unique), features[index])
-        if len(self.shards()) >= MERGE_AT:
-            self.merge()
+        if len(self.small_shards(small_rows)) >= MERGE_AT:
+            self.merge(small_rows)
         return path
 
     def write(self, keys: list[str], features: torch.Tensor) -> Path:
@@ -77,15 +74,30 @@ class EmbeddingStore:
         save_tensors(path, {"keys": key_bytes, "features": features.contiguous()}, self.spec)
         return path
 
-    def merge(self) -> None:
-        """All shards into one; the old ones removed (a reader that misses one embeds those images again)."""
-        old = self.shards()
-        stored = self.rows()
-        if not stored:
+    def small_shards(self, small_rows: int) -> list[tuple[Path, tuple[torch.Tensor, torch.Tensor]]]:
+        """The readable shards of fewer than ``small_rows`` rows (0: every shard)."""
+        found = []
+        for path in self.shards():
+            shard = self.read(path)
+            if shard is not None and (not small_rows or len(shard[0]) < small_rows):
+                found.append((path, shard))
+        return found
+
+    def merge(self, small_rows: int = 0) -> None:
+        """The small shards (every shard when ``small_rows`` is 0) into one, the old ones removed: the many
+        small shards that adding a few images at a time leaves. Full-size shards are left alone, so a merge
+        never holds more than a few shards' rows in memory. (A reader that misses a removed shard embeds
+        those images again.)"""
+        small = self.small_shards(small_rows)
+        if not small:
             return
-        keys = sorted(stored)
-        merged = self.write([k.hex() for k in keys], torch.stack([stored[k] for k in keys]))
-        for path in old:
+        rows: dict[bytes, torch.Tensor] = {}
+        for _, (keys, features) in small:
+            for key, row in zip(keys.numpy(), features, strict=True):
+                rows[key.tobytes()] = row
+        order = sorted(rows)
+        merged = self.write([k.hex() for k in order], torch.stack([rows[k] for k in order]))
+        for path, _ in small:
             if path != merged:
                 path.unlink(missing_ok=True)
-        log.info("Merged %d feature shards into %s", len(old), merged)
+        log.info("Merged %d feature shards into %s", len(small), merged)

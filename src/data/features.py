@@ -10,6 +10,40 @@ from torch.utils.data import Dataset, Sampler
 from src.data.seeding import epoch_order, mix
 
 
+class Rows:
+    """N feature rows read in place from several tensors (memory-mapped cache shards, or chunks embedded in
+    this run): row ``i`` is ``sources[s][r]`` for ``where[i] = (s, r)``. Nothing is gathered into one tensor,
+    so features larger than memory train from the page cache."""
+
+    def __init__(self, sources: list[torch.Tensor], where: torch.Tensor) -> None:
+        self.sources, self.where = sources, where
+
+    @staticmethod
+    def cat(parts: list[Rows]) -> Rows:
+        """The rows of ``parts``, one after the other."""
+        sources: list[torch.Tensor] = []
+        where = []
+        for part in parts:
+            shifted = part.where.clone()
+            shifted[:, 0] += len(sources)
+            sources += part.sources
+            where.append(shifted)
+        return Rows(sources, torch.cat(where) if where else torch.zeros(0, 2, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        s, r = self.where[i].tolist()
+        return self.sources[s][r]
+
+    def tensor(self) -> torch.Tensor:
+        """Every row in one tensor (in memory: for small sets and checks)."""
+        if not len(self):
+            return torch.zeros(0)
+        return torch.stack([self[i] for i in range(len(self))])
+
+
 class FeatureSet(Dataset):
     """(feature, label) pairs whose size is known before they are computed.
 
@@ -22,10 +56,10 @@ class FeatureSet(Dataset):
     def __init__(self, size: int, start: int | None = None) -> None:
         self.size = size
         self.start = start
-        self.features: torch.Tensor | None = None
+        self.features: Rows | None = None
         self.labels: torch.Tensor | None = None
 
-    def fill(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def fill(self, features: Rows, labels: torch.Tensor) -> None:
         if len(labels) != self.size or len(features) != self.size:
             raise ValueError(f"expected {self.size} features and labels, got {len(features)} and {len(labels)}")
         self.features, self.labels = features, labels

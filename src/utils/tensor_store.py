@@ -17,12 +17,14 @@ FORMAT = 1
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes."""
+    """SHA-256 over every tensor's name, dtype, shape and bytes (read in place: a memory-mapped tensor is
+    hashed without being copied into memory)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -37,13 +39,16 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
 
 
-def load_tensors(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The tensors stored at ``path`` if the file is whole, verified and was written for ``meta``; else None."""
+def load_tensors(path: str | os.PathLike, meta: dict[str, Any], mmap: bool = False) -> dict[str, torch.Tensor] | None:
+    """The tensors stored at ``path`` if the file is whole, verified and was written for ``meta``; else None.
+
+    ``mmap``: the tensors stay in the file (memory-mapped, read-only use): pages are read when touched and
+    the OS may drop them again, so a cache larger than memory still loads."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         ok = (
             isinstance(payload, dict)
             and payload.get("format") == FORMAT

@@ -289,6 +289,18 @@ def test_lr_find_trains_with_its_suggestion_as_if_it_were_configured(tmp_path):
         assert a["val/loss"] == pytest.approx(b["val/loss"], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_lr_find_crosses_fine_tuning_stages_on_cached_outputs(tmp_path):
+    """The search's 20 steps span 5 epochs of 4 batches: into the stage that trains on cached block outputs."""
+    from src.train import train
+
+    base = tiny_run_args(tmp_path, "lite0_ft", epochs=2)
+    stages = "model.finetune.schedule=[{epoch: 1, groups: 2}]"
+    found = train(compose_train_cfg(tmp_path / "ft", *base, stages, "tune.lr_find=true", "tune.num_training=20"))
+    assert found["lr_find"]["steps_run"] > 4 and found["lr_find"]["suggestion"] > 0
+    assert [s["served_from"].split(" ")[0] for s in found["feature_cache"]["stages"]] == ["pooled", "outputs"]
+
+
 def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror():
     from src.inference.tta import check_tta, predict_log_probs
 

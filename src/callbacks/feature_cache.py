@@ -157,9 +157,10 @@ class FeatureCache(Callback):
             else:
                 gb = self.prefix_gb(trainer, pl_module, frozen)
                 if gb > self.prefix_max_gb:
-                    cut, served = None, f"images ({gb:.2f} GB of frozen-part outputs > model.cache.prefix_max_gb)"
+                    limit = f"model.cache.prefix_max_gb={self.prefix_max_gb:g}"
+                    cut, served = None, f"images ({gb:.3g} GB of frozen-part outputs > {limit})"
                 else:
-                    cut, served = frozen, f"outputs of {self.groups[0][0]}..{self.groups[frozen - 1][0]} ({gb:.2f} GB)"
+                    cut, served = frozen, f"outputs of {self.groups[0][0]}..{self.groups[frozen - 1][0]} ({gb:.3g} GB)"
             self.cuts[training] = cut
             self.stats["stages"].append({"from_epoch": epoch, "training_groups": training, "served_from": served})
             log.info("Epochs from %d (%d of %d groups training) run on %s", epoch, training, total, served)
@@ -196,7 +197,11 @@ class FeatureCache(Callback):
     def feature_set(self, trainer: Trainer, split: str, cut: int) -> FeatureSet:
         if (split, cut) not in self.sets:
             size = len(trainer.datamodule.datasets[split]) * (self.train_views if split == "train" else 1)
-            self.sets[split, cut] = FeatureSet(size, start=None if cut == len(self.groups) else cut)
+            features = FeatureSet(size, start=None if cut == len(self.groups) else cut)
+            # the hooks below fill it before its first batch; a loop that skips them (the LR finder's, which
+            # runs inside the first epoch's start and may cross into the next stage) fills it on first read
+            features.filler = lambda: self.fill_sets(trainer, trainer.lightning_module, cut, [(split, features)])
+            self.sets[split, cut] = features
         return self.sets[split, cut]
 
     def fill(self, trainer: Trainer, pl_module: LightningModule, splits: tuple[str, ...]) -> None:
@@ -206,8 +211,16 @@ class FeatureCache(Callback):
         cut = self.cut_at(sampler_epoch(trainer))
         for key in [k for k in self.sets if k[1] != cut]:  # an earlier stage's features: never served again
             del self.sets[key]
-        splits = tuple(s for s in splits if s == "val" or self.train_views > 0)
-        if cut is None or all(self.feature_set(trainer, s, cut).features is not None for s in splits):
+        if cut is not None:
+            splits = tuple(s for s in splits if s == "val" or self.train_views > 0)
+            self.fill_sets(trainer, pl_module, cut, [(s, self.feature_set(trainer, s, cut)) for s in splits])
+
+    def fill_sets(
+        self, trainer: Trainer, pl_module: LightningModule, cut: int, targets: list[tuple[str, FeatureSet]]
+    ) -> None:
+        """Fill the empty ``targets`` (split, features through the first ``cut`` groups)."""
+        targets = [(split, target) for split, target in targets if target.features is None]
+        if not targets:
             return
         identity = frozen_identity(pl_module, str(trainer.precision), self.groups, cut)
         # DDP: rank zero embeds and writes; the others wait for it, then read the files (every rank holds
@@ -215,10 +228,7 @@ class FeatureCache(Callback):
         distributed = trainer.world_size > 1
         if distributed and not trainer.is_global_zero:
             trainer.strategy.barrier("feature_cache")
-        for split in splits:
-            target = self.feature_set(trainer, split, cut)
-            if target.features is not None:
-                continue
+        for split, target in targets:
             if split == "val":
                 target.fill(*self.features(trainer, pl_module, identity, split, None, cut))
                 continue

@@ -56,6 +56,7 @@ class FeatureSet(Dataset):
     def __init__(self, size: int, start: int | None = None) -> None:
         self.size = size
         self.start = start
+        self.filler: Callable[[], None] | None = None  # fills it when read before anyone did
         self.features: Rows | None = None
         self.labels: torch.Tensor | None = None
 
@@ -68,6 +69,8 @@ class FeatureSet(Dataset):
         return self.size
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self.features is None and self.filler is not None:
+            self.filler()
         if self.features is None:
             raise RuntimeError("FeatureSet read before its features were computed")
         if self.start is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import logging
 import os
@@ -56,11 +57,13 @@ OmegaConf.register_new_resolver("fastest_precision", fastest_precision, replace=
 def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Wrap a Hydra task: a UserError is logged alone and exits 1 (in a sweep, only that job fails).
 
-    Training stopped by SIGTERM exits 143.
+    Training stopped by SIGTERM exits 143. A fatal signal (SIGSEGV, SIGBUS: e.g. a memory-mapped cache file
+    truncated by another program while this run reads it) prints the Python stack before the process dies.
     """
 
     @functools.wraps(task)
     def wrapper(cfg: Any) -> Any:
+        faulthandler.enable()
         stop_on_sigterm()  # data preparation, evaluation, prediction: SIGTERM ends them through the path below
         try:
             return task(cfg)

@@ -34,7 +34,7 @@ STAGES = {  # name -> schedule override (None: lite0_ft's)
 
 
 def run(name: str, schedule: str | None, cache: bool, data: Path, work: Path) -> dict:
-    folder = work / name.replace(" ", "_")
+    folder = work / name.replace(", ", "-").replace(" ", "_")
     cmd = [sys.executable, "-m", "src.train", "experiment=lite0_ft", f"data.root={data}", "trainer.max_epochs=2"]
     cmd += [f"model.cache.dir={work / 'cache'}", f"model.cache.enabled={str(cache).lower()}"]
     cmd += [f"hydra.run.dir={folder}", *([schedule] if schedule else [])]

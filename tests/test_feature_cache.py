@@ -14,6 +14,7 @@ from src.callbacks.feature_cache import FeatureCache, cached_features
 from src.callbacks.finetuning import BackboneFinetuning
 from src.data.embedding_store import MERGE_AT, EmbeddingStore
 from src.data.features import ViewSampler
+from src.utils.errors import ConfigError
 from tests.factories import tiny_datamodule, tiny_model, tiny_trainer
 
 SMALL_TRAIN = [T.RandomResizedCrop(32, scale=(0.8, 1.0)), T.RandomHorizontalFlip(), T.CenterCrop(28)]
@@ -233,3 +234,37 @@ def test_only_small_shards_are_merged(tmp_path):
     assert big in shards and len(shards) == 2  # the 8 one-row shards merged; the 40-row one left alone
     sources, where = store.locate([f"{i:064x}" for i in range(MERGE_AT)])
     assert [float(sources[s][r][0]) for s, r in where] == [float(i) for i in range(MERGE_AT)]
+
+
+@pytest.mark.slow
+def test_onnxruntime_engine_embeds_what_torch_does_and_auto_takes_it_only_for_large_sets(tiny_data, tmp_path):
+    model, dm, cache = fit(tiny_data, tmp_path / "torch", epochs=1)
+    model.eval()
+    torch_val = dm.features_for("val")[0].features.tensor()
+
+    def run(engine: str, min_images: int, folder: str) -> tuple[FeatureCache, torch.Tensor]:
+        dm = tiny_datamodule(tiny_data, SMALL_TRAIN, SMALL_EVAL, batch_size=4)
+        cache = FeatureCache(
+            enabled=True,
+            dir=tmp_path / folder,
+            train_views=2,
+            eval_batch_size=64,
+            embed_batch_size=5,
+            seed=7,
+            engine=engine,
+            onnx_min_images=min_images,
+        )
+        trainer = tiny_trainer([cache, BackboneFinetuning()], max_epochs=1, precision="32")
+        trainer.fit(tiny_model(), datamodule=dm)
+        return cache, dm.features_for("val")[0].features.tensor()
+
+    onnx, onnx_val = run("onnxruntime", 2000, "onnx")
+    assert onnx.stats["engine"] == "onnxruntime" and list((tmp_path / "onnx" / "onnx").glob("*.onnx"))
+    assert torch.allclose(onnx_val, torch_val, atol=1e-4)  # fp32 both ways
+    small, _ = run("auto", 2000, "auto_small")  # 8 val + 2 x 12 train features: below the threshold
+    large, _ = run("auto", 10, "auto_large")
+    assert small.stats["engine"] == "torch" and large.stats["engine"] == "onnxruntime"
+    with pytest.raises(ConfigError, match="model.cache.engine must be one of"):
+        FeatureCache(
+            enabled=True, dir=tmp_path, train_views=1, eval_batch_size=4, embed_batch_size=4, engine="tensorrt"
+        )

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
@@ -21,11 +22,13 @@ from src.data.embedding_store import EmbeddingStore
 from src.data.features import FeatureSet, Rows, ViewSampler
 from src.data.seeding import KeySeededItems, mix
 from src.models.layer_groups import layer_groups
+from src.models.onnx_engine import OnnxBackbone
 from src.utils.errors import ConfigError, UserError
 from src.utils.lightning_compat import reload_loaders_every_epoch, sampler_epoch
 from src.utils.tensor_store import tensors_digest
 
 log = logging.getLogger(__name__)
+ENGINES = ("torch", "onnxruntime", "auto")
 
 
 class FeatureCache(Callback):
@@ -62,6 +65,8 @@ class FeatureCache(Callback):
         seed: int | None = None,
         prefix_max_gb: float = 2.0,
         chunk_mb: float = 256.0,
+        engine: str = "torch",
+        onnx_min_images: int = 2000,
     ) -> None:
         if int(train_views) < 0:
             raise ConfigError(f"model.cache.train_views must be >= 0, got {train_views}.")
@@ -79,6 +84,11 @@ class FeatureCache(Callback):
         if not float(chunk_mb) > 0:
             raise ConfigError(f"model.cache.chunk_mb must be > 0, got {chunk_mb}.")
         self.chunk_mb = float(chunk_mb)
+        if engine not in ENGINES:
+            raise ConfigError(f"model.cache.engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+        self.engine_setting, self.onnx_min_images = engine, int(onnx_min_images)
+        self.engine = "torch"
+        self.onnx: OnnxBackbone | None = None
         self.stats: dict[str, Any] = {
             "used": False,
             "hits": 0,
@@ -115,6 +125,7 @@ class FeatureCache(Callback):
                 return
         self.groups = layer_groups(pl_module.hparams.backbone["name"], pl_module.backbone)
         self.plan_stages(trainer, pl_module)
+        self.engine = self.choose_engine(trainer)
         if all(cut is None for cut in self.cuts.values()):
             return
         dm = trainer.datamodule
@@ -164,6 +175,44 @@ class FeatureCache(Callback):
             self.cuts[training] = cut
             self.stats["stages"].append({"from_epoch": epoch, "training_groups": training, "served_from": served})
             log.info("Epochs from %d (%d of %d groups training) run on %s", epoch, training, total, served)
+
+    def choose_engine(self, trainer: Trainer) -> str:
+        """What computes pooled features: ``torch`` (the run's precision) or ``onnxruntime`` (fp32, CPU only),
+        by ``model.cache.engine``; ``auto`` takes ONNX Runtime on a CPU for runs whose features (val + K views
+        of train) number at least ``onnx_min_images``: decided by the data's size, so a run that adds a few
+        images keeps the engine (and the features) of the runs before it."""
+        cpu = isinstance(trainer.accelerator, CPUAccelerator)
+        if self.engine_setting == "onnxruntime" and not cpu:
+            raise ConfigError("model.cache.engine=onnxruntime runs on the CPU; this run uses a GPU: use torch or auto.")
+        dm = trainer.datamodule
+        images = len(dm.datasets["val"]) + self.train_views * len(dm.datasets["train"])
+        auto = self.engine_setting == "auto" and cpu and images >= self.onnx_min_images
+        engine = "onnxruntime" if self.engine_setting == "onnxruntime" or auto else "torch"
+        self.stats["engine"] = engine
+        if engine != "torch":
+            log.info(
+                "Pooled features through ONNX Runtime (%d images; model.cache.engine=%s)", images, self.engine_setting
+            )
+        return engine
+
+    def onnx_backbone(self, trainer: Trainer, pl_module: LightningModule) -> OnnxBackbone | None:
+        """The backbone under ONNX Runtime when that is the engine (exported once, the file kept in the cache
+        folder); an export that fails under ``auto`` leaves the run on torch, with a warning."""
+        if self.engine != "onnxruntime" or self.onnx is not None:
+            return self.onnx
+        example, _ = trainer.datamodule.datasets["val"][0]
+        key = tensors_digest(pl_module.backbone.state_dict())
+        try:
+            self.onnx = OnnxBackbone(pl_module.backbone, example[None], self.dir / "onnx", key)
+        except Exception as err:  # an operator the exporter or ONNX Runtime lacks, a full disk, ...
+            if self.engine_setting == "onnxruntime":
+                raise ConfigError(
+                    f"model.cache.engine=onnxruntime: this backbone could not run under ONNX Runtime ({err}); "
+                    "use engine=torch."
+                ) from err
+            log.warning("ONNX Runtime could not run this backbone (%s); pooled features through torch", err)
+            self.engine = self.stats["engine"] = "torch"
+        return self.onnx
 
     def prefix_gb(self, trainer: Trainer, pl_module: LightningModule, frozen: int) -> float:
         """Size of the first ``frozen`` groups' outputs for every val image and K views of every training
@@ -222,7 +271,10 @@ class FeatureCache(Callback):
         targets = [(split, target) for split, target in targets if target.features is None]
         if not targets:
             return
+        onnx = self.onnx_backbone(trainer, pl_module) if cut == len(self.groups) else None
         identity = frozen_identity(pl_module, str(trainer.precision), self.groups, cut)
+        if onnx is not None:
+            identity["engine"] = "onnxruntime-fp32"
         # DDP: rank zero embeds and writes; the others wait for it, then read the files (every rank holds
         # all features; Lightning's distributed sampler gives each its share of the indices)
         distributed = trainer.world_size > 1
@@ -258,7 +310,9 @@ class FeatureCache(Callback):
             dataset,
             dm.digests,
             lambda subset: dm.image_loader(split, self.embed_batch_size, dataset=subset),
-            lambda loader: embed_batches(pl_module, loader, trainer.precision_plugin.forward_context, trainer, prefix),
+            lambda loader: embed_batches(
+                pl_module, loader, trainer.precision_plugin.forward_context, trainer, prefix, self.onnx
+            ),
             view_seed=None if view is None else (self.seed, view),
             write=trainer.is_global_zero,  # another rank computing it means rank zero's file is out of its reach
             chunk_mb=self.chunk_mb,
@@ -427,14 +481,19 @@ def embed_batches(
     forward_context: Any,
     trainer: Trainer | None = None,
     prefix: int | None = None,
+    engine: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Run the frozen backbone (or its first ``prefix`` layer groups) over a loader at the run's precision, in
-    eval mode; each batch's features on the CPU, as they come.
+    eval mode (or ``engine``, the backbone under another runtime, for pooled features); each batch's features
+    on the CPU, as they come.
 
     A SIGTERM stops it at the next batch (Lightning only checks between training batches)."""
     with torch.inference_mode(), forward_context(), eval_mode(pl_module.backbone):
         for x, _ in loader:
             if trainer is not None and trainer.received_sigterm:
                 raise SIGTERMException(143)
+            if engine is not None and prefix is None:
+                yield engine(x)
+                continue
             x = x.to(pl_module.device, non_blocking=True)
             yield (pl_module.features(x) if prefix is None else pl_module.frozen_prefix(x, prefix)).cpu()

@@ -264,7 +264,27 @@ def test_onnxruntime_engine_embeds_what_torch_does_and_auto_takes_it_only_for_la
     small, _ = run("auto", 2000, "auto_small")  # 8 val + 2 x 12 train features: below the threshold
     large, _ = run("auto", 10, "auto_large")
     assert small.stats["engine"] == "torch" and large.stats["engine"] == "onnxruntime"
+    with pytest.raises(ConfigError, match="onnx_min_images must be a whole number"):
+        FeatureCache(
+            enabled=True, dir=tmp_path, train_views=1, eval_batch_size=4, embed_batch_size=4, onnx_min_images=-1
+        )
     with pytest.raises(ConfigError, match="model.cache.engine must be one of"):
         FeatureCache(
             enabled=True, dir=tmp_path, train_views=1, eval_batch_size=4, embed_batch_size=4, engine="tensorrt"
         )
+
+
+def test_another_engine_s_features_are_stored_at_the_run_s_precision():
+    import contextlib
+
+    from src.callbacks.feature_cache import embed_batches
+
+    class Bf16Run:
+        received_sigterm = False
+        precision = "bf16-mixed"
+
+    batches = [(torch.zeros(2, 3, 8, 8), torch.zeros(2))]
+    out = list(
+        embed_batches(tiny_model(), batches, contextlib.nullcontext, Bf16Run(), None, lambda x: torch.ones(2, 5))
+    )
+    assert out[0].dtype == torch.bfloat16 and out[0].shape == (2, 5)

@@ -86,7 +86,9 @@ class FeatureCache(Callback):
         self.chunk_mb = float(chunk_mb)
         if engine not in ENGINES:
             raise ConfigError(f"model.cache.engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
-        self.engine_setting, self.onnx_min_images = engine, int(onnx_min_images)
+        if isinstance(onnx_min_images, bool) or not isinstance(onnx_min_images, int) or onnx_min_images < 0:
+            raise ConfigError(f"model.cache.onnx_min_images must be a whole number >= 0, got {onnx_min_images!r}.")
+        self.engine_setting, self.onnx_min_images = engine, onnx_min_images
         self.engine = "torch"
         self.onnx: OnnxBackbone | None = None
         self.stats: dict[str, Any] = {
@@ -274,7 +276,7 @@ class FeatureCache(Callback):
         onnx = self.onnx_backbone(trainer, pl_module) if cut == len(self.groups) else None
         identity = frozen_identity(pl_module, str(trainer.precision), self.groups, cut)
         if onnx is not None:
-            identity["engine"] = "onnxruntime-fp32"
+            identity["engine"] = "onnxruntime"
         # DDP: rank zero embeds and writes; the others wait for it, then read the files (every rank holds
         # all features; Lightning's distributed sampler gives each its share of the indices)
         distributed = trainer.world_size > 1
@@ -492,8 +494,10 @@ def embed_batches(
         for x, _ in loader:
             if trainer is not None and trainer.received_sigterm:
                 raise SIGTERMException(143)
-            if engine is not None and prefix is None:
-                yield engine(x)
+            if engine is not None and prefix is None:  # stored as the run's precision would: bf16 half the size
+                yield engine(x).to(
+                    torch.bfloat16 if "bf16" in str(getattr(trainer, "precision", "")) else torch.float32
+                )
                 continue
             x = x.to(pl_module.device, non_blocking=True)
             yield (pl_module.features(x) if prefix is None else pl_module.frozen_prefix(x, prefix)).cpu()

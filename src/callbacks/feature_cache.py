@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from src.data.embedding_store import EmbeddingStore
 from src.data.features import FeatureSet, Rows, ViewSampler
 from src.data.seeding import KeySeededItems, mix
 from src.models.layer_groups import layer_groups
+from src.models.modes import eval_mode
 from src.models.onnx_engine import OnnxBackbone
 from src.utils.errors import ConfigError, UserError
 from src.utils.lightning_compat import reload_loaders_every_epoch, sampler_epoch
@@ -339,19 +339,6 @@ class FeatureCache(Callback):
             embedded / max(seconds, 1e-9),
         )
         return feats, labels
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode for the block, every submodule's own mode put back after: frozen parts are
-    embedded deterministically (BatchNorm statistics, no dropout) whatever the training loop set."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def frozen_identity(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from src.models.modes import eval_mode
 from src.utils.errors import ConfigError
 
 
@@ -78,20 +79,14 @@ def group_stages(backbone: nn.Module) -> list[Stage] | None:
 def stages_match(backbone: nn.Module, stages: list[Stage], size: int = 64) -> bool:
     """True when the stages composed give the backbone's own output on a random image (eval mode, no grad;
     every module's mode put back)."""
-    modes = [(m, m.training) for m in backbone.modules()]
     param = next(backbone.parameters())
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    try:
-        backbone.eval()
-        with torch.no_grad():
-            expected = backbone(x)
-            out = x
-            for stage in stages:
-                out = stage(out)
-        return out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    with eval_mode(backbone), torch.no_grad():
+        expected = backbone(x)
+        out = x
+        for stage in stages:
+            out = stage(out)
+    return out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def timm_parameter_groups(backbone: nn.Module) -> list[tuple[str, list[str]]]:

@@ -128,7 +128,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.eval_transform = T.Compose([*eval_transforms, *normalize])
         self.datasets: dict[str, ImageList] = {}
         self.classes: list[str] = []
-        # split -> (dataset, sampler, batch size) of precomputed features that replace the images
+        # split -> source(epoch): the precomputed features that replace its images that epoch, or None
         self.feature_sets: dict[str, Callable[[int], Served | None]] = {}
         self.image_loaders: dict[str, DataLoader] = {}
 
@@ -299,7 +299,7 @@ class ImageFolderDataModule(LightningDataModule):
     # ------------------------------------------------------------------------------------------ loaders
 
     def use_features(self, split: str, source: Callable[[int], Served | None]) -> None:
-        """Serve ``split`` from precomputed features (in memory, no workers) in the epochs where ``source(epoch)``
+        """Serve ``split`` from precomputed features (no decoding workers) in the epochs where ``source(epoch)``
         gives (dataset, sampler or None, batch size); from images in the others. The image loader is then
         built once and kept (Lightning asks for loaders every epoch when what they serve may change)."""
         self.feature_sets[split] = source

@@ -395,6 +395,7 @@ def test_near_pairs_equal_a_brute_force_comparison_of_every_pair(within, monkeyp
     from src.data.duplicates import NearRule, near_pairs
 
     monkeypatch.setattr(duplicates, "CHUNK", 128)
+    monkeypatch.setattr(duplicates, "CANDIDATES", 37)  # colour checks in batches that cut through blocks
     rng = np.random.default_rng(0)
     n = 600
     centres = rng.integers(0, 256, (12, 8), dtype=np.uint8)

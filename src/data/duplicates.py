@@ -19,6 +19,7 @@ import torch
 from src.data.preflight import signature_arrays
 
 CHUNK = 1024  # rows compared at once: bounds memory at CHUNK x N bytes
+CANDIDATES = 65536  # hash-close pairs whose colours are compared at once (x 192 floats x 4 bytes: 50 MB)
 
 
 @dataclass(frozen=True)
@@ -103,15 +104,18 @@ def near_pairs(items: list[tuple[str, str]], signatures: dict[str, str], rule: N
         first = start if within else int(np.searchsorted(splits, splits[start], side="right"))
         dist = np.bitwise_count(block[:, None] ^ hashes[None, first:])
         rows, cols = np.nonzero(dist <= rule.max_hash_distance)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            i, j = start + r, first + c
-            if j <= i or (not within and splits[i] == splits[j]):
-                continue
-            colour = float(np.abs(thumbs[i] - thumbs[j]).mean())
-            if rule.max_colour_difference is not None and colour > rule.max_colour_difference:
-                continue
-            (sa, pa), (sb, pb) = hashed[i], hashed[j]
-            pairs.append(Pair("near", 1 - int(dist[r, c]) / 64, sa, pa, sb, pb))
+        i, j, bits = rows + start, cols + first, dist[rows, cols]
+        keep = (j > i) if within else (j > i) & (splits[i] != splits[j])
+        i, j, bits = i[keep], j[keep], bits[keep]
+        if rule.max_colour_difference is not None:  # vectorised: look-alike sets give millions of candidates
+            close = np.empty(len(i), dtype=bool)
+            for b in range(0, len(i), CANDIDATES):
+                part = slice(b, b + CANDIDATES)
+                close[part] = np.abs(thumbs[i[part]] - thumbs[j[part]]).mean(axis=1) <= rule.max_colour_difference
+            i, j, bits = i[close], j[close], bits[close]
+        for a, b, d in zip(i.tolist(), j.tolist(), bits.tolist(), strict=True):
+            (sa, pa), (sb, pb) = hashed[a], hashed[b]
+            pairs.append(Pair("near", 1 - int(d) / 64, sa, pa, sb, pb))
     return pairs
 
 

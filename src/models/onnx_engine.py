@@ -41,6 +41,7 @@ def export(backbone: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Write the backbone's fp32 graph atomically (a copy is exported: the run's module is left as it is)."""
     net = copy.deepcopy(backbone).float().to(memory_format=torch.contiguous_format).eval()
     example = example[:1].detach().to("cpu", torch.float32).contiguous()
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per merged constant otherwise
     program = torch.onnx.export(
         net,
         (example,),

@@ -227,11 +227,12 @@ def test_embedding_is_written_in_chunks_read_back_memory_mapped_and_resumes_wher
 
 def test_only_small_shards_are_merged(tmp_path):
     store = EmbeddingStore(tmp_path / "cache", {"spec": 1})
-    big = store.write([f"{i:064x}" for i in range(100, 140)], torch.zeros(40, 4))
+    big = store.write([f"{i:064x}" for i in range(100, 300)], torch.zeros(200, 4))
+    small_bytes = big.stat().st_size / 2  # a one-row shard is well under half of a 200-row one
     for i in range(MERGE_AT):
-        store.add([f"{i:064x}"], torch.full((1, 4), float(i)), small_rows=10)
+        store.add([f"{i:064x}"], torch.full((1, 4), float(i)), small_bytes=small_bytes)
     shards = store.shards()
-    assert big in shards and len(shards) == 2  # the 8 one-row shards merged; the 40-row one left alone
+    assert big in shards and len(shards) == 2  # the 8 one-row shards merged; the 200-row one left alone
     sources, where = store.locate([f"{i:064x}" for i in range(MERGE_AT)])
     assert [float(sources[s][r][0]) for s, r in where] == [float(i) for i in range(MERGE_AT)]
 

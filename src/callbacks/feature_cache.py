@@ -127,9 +127,9 @@ class FeatureCache(Callback):
                 return
         self.groups = layer_groups(pl_module.hparams.backbone["name"], pl_module.backbone)
         self.plan_stages(trainer, pl_module)
-        self.engine = self.choose_engine(trainer)
         if all(cut is None for cut in self.cuts.values()):
             return
+        self.engine = self.choose_engine(trainer)
         dm = trainer.datamodule
         dm.use_features("val", lambda epoch: self.source(trainer, "val", epoch))
         if self.train_views > 0:
@@ -410,24 +410,25 @@ def cached_features(
         subset: Dataset = Subset(dataset, missing)
         if view_seed is not None:
             subset = KeySeededItems(subset, [mix(*view_seed, int(keys[i][:15], 16)) for i in missing])
-        done = 0
-        pending: list[torch.Tensor] = []
+        done, pending, pending_bytes = 0, [], 0
 
         def flush() -> None:
-            nonlocal done
+            nonlocal done, pending_bytes
             chunk = torch.cat(pending)
             pending.clear()
+            pending_bytes = 0
             rows = missing[done : done + len(chunk)]
-            placed = store_chunk(store, [keys[i] for i in rows], chunk, write, chunk_mb)
-            for i, (source, row) in zip(rows, placed, strict=True):
-                where[i] = (len(sources) + source, row)
-            sources.extend(placed.sources)
+            source, placed = store_chunk(store, [keys[i] for i in rows], chunk, write, chunk_mb)
+            for i, row in zip(rows, placed, strict=True):
+                where[i] = (len(sources), row)
+            sources.append(source)
             done += len(chunk)
 
         with torch.random.fork_rng(devices=[]):  # a cold cache must not shift the run's RNG (dropout, shuffling)
             for feats in embed_batches(loader_for(subset)):  # (a loader draws its workers' base seed from it)
                 pending.append(feats)
-                if sum(f.numel() * f.element_size() for f in pending) >= chunk_mb * 1e6:
+                pending_bytes += feats.numel() * feats.element_size()
+                if pending_bytes >= chunk_mb * 1e6:
                     flush()
             if pending:
                 flush()
@@ -435,24 +436,17 @@ def cached_features(
     return Rows(sources, torch.tensor(where, dtype=torch.long).reshape(-1, 2)), labels, len(missing), seconds
 
 
-class Placed(list):
-    """(source, row) of each row of a chunk, and the chunk's sources (the shard written, memory-mapped; or
-    the chunk itself when it could not be written)."""
-
-    def __init__(self, rows: list[tuple[int, int]], sources: list[torch.Tensor]) -> None:
-        super().__init__(rows)
-        self.sources = sources
-
-
-def store_chunk(store: EmbeddingStore, keys: list[str], chunk: torch.Tensor, write: bool, chunk_mb: float) -> Placed:
+def store_chunk(
+    store: EmbeddingStore, keys: list[str], chunk: torch.Tensor, write: bool, chunk_mb: float
+) -> tuple[torch.Tensor, list[int]]:
     """Write one chunk of new features as a shard and read it back memory-mapped (the chunk's memory is then
-    freed); kept in memory when the cache folder can't take it or the shard vanished at once."""
-    in_memory = Placed([(0, j) for j in range(len(chunk))], [chunk])
+    freed): (the shard's features, the row of each key). The chunk itself (rows in order) when the cache
+    folder can't take it or the shard vanished at once."""
+    in_memory = chunk, list(range(len(chunk)))
     if not write:  # another rank computing it means rank zero's file is out of its reach
         return in_memory
-    small = int(chunk_mb * 1e6 // max(chunk[0].numel() * chunk.element_size(), 1) // 2) if len(chunk) else 0
     try:
-        path = store.add(keys, chunk, small_rows=small)
+        path = store.add(keys, chunk, small_bytes=chunk_mb * 1e6 / 2)
     except (OSError, RuntimeError, UserError) as err:  # full or read-only cache folder: go on from memory
         log.warning("Could not write the feature cache %s (%s); going on from memory", store.folder, err)
         return in_memory
@@ -461,7 +455,7 @@ def store_chunk(store: EmbeddingStore, keys: list[str], chunk: torch.Tensor, wri
         return in_memory
     stored, features = shard
     rows = {key.tobytes(): r for r, key in enumerate(stored.numpy())}
-    return Placed([(0, rows[bytes.fromhex(k)]) for k in keys], [features])
+    return features, [rows[bytes.fromhex(k)] for k in keys]
 
 
 def embed_batches(

@@ -57,13 +57,13 @@ class EmbeddingStore:
             sources.append(features)
         return sources, [index.get(bytes.fromhex(k)) for k in keys]
 
-    def add(self, keys: list[str], features: torch.Tensor, small_rows: int = 0) -> Path:
-        """Store new rows as one shard; merge the shards under ``small_rows`` rows when there are many."""
+    def add(self, keys: list[str], features: torch.Tensor, small_bytes: float = 0) -> Path:
+        """Store new rows as one shard; merge the shard files under ``small_bytes`` when there are many."""
         unique = {k: i for i, k in enumerate(keys)}  # identical files: one row
         index = torch.tensor(list(unique.values()), dtype=torch.long)
         path = self.write(list(unique), features[index])
-        if len(self.small_shards(small_rows)) >= MERGE_AT:
-            self.merge(small_rows)
+        if len(self.small_shards(small_bytes)) >= MERGE_AT:
+            self.merge(small_bytes)
         return path
 
     def write(self, keys: list[str], features: torch.Tensor) -> Path:
@@ -74,21 +74,16 @@ class EmbeddingStore:
         save_tensors(path, {"keys": key_bytes, "features": features.contiguous()}, self.spec)
         return path
 
-    def small_shards(self, small_rows: int) -> list[tuple[Path, tuple[torch.Tensor, torch.Tensor]]]:
-        """The readable shards of fewer than ``small_rows`` rows (0: every shard)."""
-        found = []
-        for path in self.shards():
-            shard = self.read(path)
-            if shard is not None and (not small_rows or len(shard[0]) < small_rows):
-                found.append((path, shard))
-        return found
+    def small_shards(self, small_bytes: float) -> list[Path]:
+        """The shard files under ``small_bytes`` on disk (0: every shard); sizes only, nothing read."""
+        return [p for p in self.shards() if not small_bytes or p.stat().st_size < small_bytes]
 
-    def merge(self, small_rows: int = 0) -> None:
-        """The small shards (every shard when ``small_rows`` is 0) into one, the old ones removed: the many
+    def merge(self, small_bytes: float = 0) -> None:
+        """The small shards (every shard when ``small_bytes`` is 0) into one, the old ones removed: the many
         small shards that adding a few images at a time leaves. Full-size shards are left alone, so a merge
         never holds more than a few shards' rows in memory. (A reader that misses a removed shard embeds
         those images again.)"""
-        small = self.small_shards(small_rows)
+        small = [(path, shard) for path in self.small_shards(small_bytes) if (shard := self.read(path)) is not None]
         if not small:
             return
         rows: dict[bytes, torch.Tensor] = {}

@@ -2,8 +2,9 @@
 
 Measured on a 2-core CPU (docs/benchmarks.md, "Embedding engines"): lite0's pooled features at 162-167
 images/s through ONNX Runtime (fp32, exact to eager fp32) against 66-83 for eager bf16 + channels_last and 61
-for torch.compile (two runs); the export and session cost 11-12.5 s once, repaid after 1,250-2,000 images. The exported file is
-kept beside the features (named by the weights' digest and the input size), so later runs skip the export.
+for torch.compile (two runs); the export and session cost 11-12.5 s once, repaid after 1,250-2,000 images.
+The exported file is kept beside the features (named by the weights' digest and the input size), so later
+runs skip the export.
 """
 
 from __future__ import annotations

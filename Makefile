@@ -7,7 +7,7 @@ ARGS ?=
 # pytest-xdist workers for make test / test-fast: one per core of the 2-core reference machine (0: in one process)
 TEST_WORKERS ?= 2
 
-.PHONY: install train test test-fast lint format tensorboard sweep bench bench-predict bench-scale bench-ft bench-ft-stages bench-engines bench-data clean
+.PHONY: install train test test-fast lint format tensorboard sweep bench bench-predict bench-scale bench-ft bench-ft-stages bench-engines bench-stream bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ sweep: $(STAMP) ## the README's lr x dropout sweep; ARGS adds overrides (e.g. da
 	$(PY) -m src.train -m experiment=lite0_fe model.optimizer.lr=0.001,0.01 model.head.dropout=0.2,0.4 $(ARGS)
 
 clean: ## remove run outputs, caches and generated data (not .venv)
-	rm -rf logs/train logs/eval logs/predict logs/export logs/audit .cache data/synthetic_shapes .pytest_cache .ruff_cache
+	rm -rf logs/train logs/eval logs/predict logs/export logs/audit logs/optimize .cache data/synthetic_shapes .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -exec rm -rf {} +
 
 bench: $(STAMP) ## seed loop vs the project's FE runs on hymenoptera; writes docs/benchmarks.md (DATA=... to change)
@@ -54,6 +54,9 @@ bench-scale: $(STAMP) ## lite0_fe on 10,000 generated images: embed rate, peak R
 
 bench-engines: $(STAMP) ## lite0's frozen forward under eager fp32/bf16, torch.compile and ONNX Runtime on hymenoptera val; writes a section of docs/benchmarks.md
 	$(PY) -m benchmarks.embed_engines $(if $(DATA),--data $(DATA)) $(ARGS)
+
+bench-stream: $(STAMP) ## a training epoch's data from the folder vs LitData shards (local, and read as object storage) on hymenoptera; writes a section of docs/benchmarks.md
+	$(PY) -m benchmarks.streaming $(if $(DATA),--data $(DATA)) $(ARGS)
 
 bench-ft-stages: $(STAMP) ## a lite0_ft epoch at each fine-tuning stage, cache on and off, on hymenoptera; writes a section of docs/benchmarks.md
 	$(PY) -m benchmarks.ft_stages $(if $(DATA),--data $(DATA)) $(ARGS)

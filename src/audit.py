@@ -29,6 +29,7 @@ from src.data.duplicates import COLUMNS as DUPLICATE_COLUMNS
 from src.data.duplicates import feature_pairs, find_duplicates
 from src.data.embedding_store import EmbeddingStore
 from src.data.listing import ImageList, relative
+from src.data.shards import refuse_shards
 from src.models.classifier import check_model_config
 from src.train import instantiate_datamodule
 from src.utils.cli import report_user_errors
@@ -49,6 +50,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     unknown = sorted(set(a) - {"folds", "C", "max_iter", "near_cosine", "grid_size"})
     if unknown:
         raise ConfigError(f"audit takes folds, C, max_iter, near_cosine and grid_size; not {', '.join(unknown)}.")
+    refuse_shards(cfg.data, "src.audit")
     seed = 0 if cfg.get("seed") is None else int(cfg.seed)
     start = time.perf_counter()
     dm = instantiate_datamodule(cfg)

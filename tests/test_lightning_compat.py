@@ -127,3 +127,58 @@ def test_job_exception() -> None:
     assert compat.job_exception(failed) is err
     with pytest.raises(ValueError):
         failed.return_value  # noqa: B018  (the public accessor re-raises: why the private one is needed)
+
+
+def _item(i: int) -> dict:
+    return {"index": i}
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """12 items (their index) as one LitData dataset."""
+    from litdata import optimize
+
+    out = str(tmp_path_factory.mktemp("litdata") / "shards")
+    optimize(
+        fn=_item,
+        inputs=list(range(12)),
+        output_dir=out,
+        chunk_size=4,
+        num_workers=1,
+        start_method="fork",
+        verbose=False,
+    )
+    return out
+
+
+def test_storage() -> None:
+    fs = compat.storage("s3://bucket/prefix", {})  # made without touching the network
+    assert all(callable(getattr(fs, name)) for name in ("upload_file", "exists", "delete_file_or_directory"))
+
+
+def test_download(tmp_path) -> None:
+    (tmp_path / "there").mkdir()
+    (tmp_path / "there" / "dataset.json").write_text("{}")
+    location = f"local:{tmp_path / 'there'}"
+    compat.download(location, f"{location}/dataset.json", str(tmp_path / "here.json"), str(tmp_path), None)
+    assert (tmp_path / "here.json").read_text() == "{}"
+
+
+def test_start_stream_epoch(tiny_shards: str) -> None:
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    def loader() -> StreamingDataLoader:
+        return StreamingDataLoader(StreamingDataset(tiny_shards, shuffle=True, seed=1), batch_size=2)
+
+    stopped = loader()
+    next(iter(stopped))
+    state = stopped.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    compat.start_stream_epoch(resumed, 7, resumed=True)  # mid-pass state: kept
+    assert resumed.restore and resumed.current_epoch == state["current_epoch"]
+    assert len([x for batch in resumed for x in batch["index"]]) == 10  # the rest of that pass
+    compat.start_stream_epoch(resumed, 7, resumed=False)
+    assert not resumed.restore and resumed.current_epoch == 7
+    assert sorted(int(x) for batch in resumed for x in batch["index"]) == list(range(12))
+    assert resumed.current_epoch == 8  # the loader adds one as the pass starts

@@ -1,4 +1,4 @@
-"""Every private attribute of Lightning, torchmetrics and Hydra this project touches, one small function each.
+"""Every private attribute of Lightning, LitData, torchmetrics and Hydra this project touches, one small function each.
 
 Each function says why no public API does the job. tests/test_lightning_compat.py exercises every one of
 them against the installed versions, so an upgrade that renames or removes one fails there, loudly, instead
@@ -92,3 +92,38 @@ def job_exception(job_return: Any) -> BaseException | Any:
 
     ``JobReturn.return_value`` re-raises it for a failed job; the stored value is only in ``_return_value``."""
     return job_return._return_value
+
+
+def storage(location: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """LitData's client for the object storage at ``location`` (upload, exists, delete).
+
+    LitData writes and reads its shards through these clients but exports only a private factory for them; a
+    file beside the shards (dataset.json) goes through the same one, so it needs no credentials of its own."""
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    return _get_fs_provider(location, storage_options or {})
+
+
+def download(location: str, remote: str, local: str, cache_dir: str, storage_options: dict[str, Any] | None) -> None:
+    """Copy the file ``remote`` under ``location`` to ``local`` with LitData's downloader for that storage.
+
+    ``get_downloader`` is public, but its clients are made for chunks listed in an index: an empty list of
+    chunks and ``download_file`` fetch one named file."""
+    from litdata.streaming.downloader import get_downloader
+
+    get_downloader(location, cache_dir, [], storage_options or {}).download_file(remote, local)
+
+
+def start_stream_epoch(loader: Any, epoch: int, resumed: bool) -> None:
+    """Have a StreamingDataLoader's next pass be epoch ``epoch`` (its shuffle and its items' seeds), unless
+    ``resumed`` (state loaded from a checkpoint since its last pass) and that state is mid-pass.
+
+    The loader counts its own passes (``current_epoch``, one added as a pass starts), and its ``restore`` flag,
+    set by ``load_state_dict``, is cleared only when a pass runs to exhaustion, which Lightning's loop does not
+    do (it stops at the epoch's known length): left set, the next epoch would replay the finished one's end,
+    i.e. nothing. A loader made again for a later epoch, or skipped in epochs served from cached features,
+    would also start from its own count, not the run's."""
+    if resumed and loader.restore:
+        return
+    loader.restore = False
+    loader.current_epoch = epoch

@@ -1,0 +1,208 @@
+"""A dataset as LitData shards: one optimized folder per split (``litdata.optimize``), each item the image
+file's own bytes, its class index and SHA-256, and beside them ``dataset.json``: the classes, every item's
+path under the source, class and SHA-256 in shard order, and what the preflight found. Written by
+``python -m src.optimize``, read by ``data=streaming`` (src.data.streaming).
+
+Items keep the file's bytes as they are (no re-encoding): a streamed image decodes to exactly the pixels the
+folder gives, so feature-cache rows (keyed by content SHA-256) are shared between the two.
+
+Where: a local folder, or object storage through LitData's own clients (``s3://``, ``gs://``, ``r2://``,
+``azure://``); ``local:/dir`` is a local folder read the way a bucket is (downloaded into the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from src.utils.errors import ConfigError, DatasetError
+
+METADATA = "dataset.json"
+FORMAT = "transfer-learning-template/litdata-shards/1"
+REMOTE_PREFIXES = ("s3://", "gs://", "r2://", "azure://", "hf://", "local:")
+
+
+def refuse_shards(data: Any, task: str) -> None:
+    """Tasks that read image folders (writing shards, the audit) refuse ``data=streaming`` by name."""
+    if str(data.get("_target_", "")).endswith("StreamingDataModule"):
+        raise ConfigError(
+            f"{task} reads image folders, not shards: pass the folder the shards were written from "
+            "(data.root=..., without data=streaming)."
+        )
+
+
+def is_remote(location: str) -> bool:
+    """Object storage (or ``local:``, a folder read as storage is): read through LitData's cache."""
+    return str(location).startswith(REMOTE_PREFIXES)
+
+
+def normalise_location(location: str | os.PathLike) -> str:
+    """A URL as given (no trailing slash); a local folder as an absolute path."""
+    text = str(location).rstrip("/")
+    return text if is_remote(text) else str(Path(text).expanduser().resolve())
+
+
+def join(location: str, *parts: str) -> str:
+    """``location/part/...`` for URLs and local paths alike."""
+    return "/".join([location.rstrip("/"), *parts])
+
+
+def local_folder(location: str) -> Path | None:
+    """The folder on this machine behind ``location`` (``local:/dir`` too); None for object storage."""
+    if location.startswith("local:"):
+        return Path(location.removeprefix("local:"))
+    return None if is_remote(location) else Path(location)
+
+
+def encode_item(item: tuple[str, int, str]) -> dict[str, Any]:
+    """One shard item from (path, class index, SHA-256 found by the preflight): the file's bytes, checked
+    against that SHA-256 so a file edited since the preflight is not written under its old identity."""
+    path, label, sha256 = item
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DatasetError(f"{path} changed while the shards were being written; run src.optimize again.")
+    return {"image": data, "label": int(label), "sha256": sha256}
+
+
+def write_metadata(location: str, metadata: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """``dataset.json`` at ``location``: atomically in a local folder, uploaded to object storage."""
+    text = json.dumps(metadata, separators=(",", ":"))
+    folder = local_folder(location)
+    if folder is not None:
+        tmp = folder / f".{METADATA}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / METADATA)
+        return
+    from src.utils.lightning_compat import storage
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) / METADATA
+        tmp.write_text(text)
+        storage(location, storage_options).upload_file(str(tmp), join(location, METADATA))
+
+
+def remove_metadata(location: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete ``dataset.json`` first when rewriting: readers never pair it with half-written shards."""
+    folder = local_folder(location)
+    if folder is not None:
+        (folder / METADATA).unlink(missing_ok=True)
+        return
+    from src.utils.lightning_compat import storage
+
+    fs = storage(location, storage_options)
+    if fs.exists(join(location, METADATA)):
+        fs.delete_file_or_directory(join(location, METADATA))
+
+
+def read_metadata(location: str, cache_dir: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Any:
+    """``dataset.json`` of the shards at ``location`` (downloaded into ``cache_dir`` from object storage),
+    checked to be this project's format."""
+    folder = local_folder(location)
+    missing = (
+        f"{location} holds no {METADATA}: not a dataset written by src.optimize. Write one with "
+        f"`python -m src.optimize data.root=/path/to/images output_dir={location}`."
+    )
+    if folder is not None and not location.startswith("local:"):
+        path = folder / METADATA
+        if not path.is_file():
+            raise DatasetError(missing)
+        text = path.read_text()
+    else:
+        from src.utils.lightning_compat import download
+
+        local = Path(cache_dir) / hashlib.sha256(location.encode()).hexdigest()[:16] / METADATA
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if folder is not None and not (folder / METADATA).is_file():
+            raise DatasetError(missing)
+        try:
+            download(location, join(location, METADATA), str(local), str(local.parent), storage_options)
+        except Exception as err:  # any client's error: missing object, credentials, network
+            raise DatasetError(f"Could not read {join(location, METADATA)}: {err}. {missing}") from err
+        text = local.read_text()
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{join(location, METADATA)} is not valid JSON ({err}); write the shards again.") from err
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise DatasetError(
+            f"{join(location, METADATA)} is not in this project's format ({FORMAT}); write the shards again with "
+            "src.optimize."
+        )
+    return metadata
+
+
+def prepare_output(location: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Ready ``location`` for new shards. A local folder: created, or emptied when it holds shards this
+    project wrote; refused when it holds anything else. Object storage: its ``dataset.json`` removed first
+    (LitData's overwrite mode replaces the shards)."""
+    folder = local_folder(location)
+    if folder is None:
+        remove_metadata(location, storage_options)
+        return
+    if folder.exists() and any(folder.iterdir()) and not (folder / METADATA).is_file():
+        raise DatasetError(
+            f"output_dir={location} is not empty and holds no {METADATA}: choose an empty or new folder (nothing "
+            "was written)."
+        )
+    (folder / METADATA).unlink(missing_ok=True)
+    for child in list(folder.iterdir()) if folder.exists() else []:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_shards(
+    source: Any,
+    location: str,
+    chunk_mb: float,
+    workers: int,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the set-up ``source`` datamodule (ImageFolderDataModule: listed, split, preflighted) as shards at
+    ``location``, one folder per split, then ``dataset.json``; returns the metadata written."""
+    from litdata import optimize
+
+    from src.data.listing import relative
+
+    logging.getLogger("litdata").setLevel(logging.WARNING)  # its cache-size notes, once per split written
+    prepare_output(location, storage_options)
+    folder = local_folder(location)
+    target = str(folder) if folder is not None else location  # LitData writes local: folders as plain paths
+    items: dict[str, list[list[Any]]] = {}
+    for split, dataset in source.datasets.items():
+        rows = [(path, label, source.digests[path]) for path, label in dataset.samples]
+        items[split] = [[relative(source.root, p), c, sha] for p, c, sha in rows]
+        if not rows:
+            continue
+        optimize(
+            fn=encode_item,
+            inputs=rows,
+            output_dir=join(target, split),
+            chunk_bytes=max(1, int(chunk_mb * 2**20)),
+            num_workers=max(1, min(workers, len(rows))),
+            keep_data_ordered=True,  # shard order = the listing's: dataset.json's rows name each item
+            reorder_files=False,
+            mode="overwrite",
+            start_method="fork",  # spawn re-imports torch and this project in every writer: ~13 s a split
+            verbose=False,
+            storage_options=storage_options or {},
+        )
+    metadata = {
+        "format": FORMAT,
+        "source": str(source.root),
+        "classes": list(source.classes),
+        "layout": source.layout,
+        "how": source.how,
+        "split": source.split_summary(),
+        "fingerprint": source.fingerprint,
+        "items": items,  # split -> [path under source, class index, SHA-256], in shard order
+        "skipped": [list(row) for row in source.skipped],
+        "duplicates": [list(q.row()) for q in source.duplicates],
+    }
+    write_metadata(location, metadata, storage_options)
+    return metadata

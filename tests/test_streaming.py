@@ -1,0 +1,221 @@
+"""data=streaming: a dataset written as LitData shards (python -m src.optimize) trains as its folder does,
+shares its feature cache, streams image epochs through LitData's loader and resumes them exactly; a local
+folder read as a bucket (``local:``) stands in for object storage."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.data.shards import METADATA
+from src.utils.cli import user_error_in
+from src.utils.errors import ConfigError, DatasetError, UserError
+from tests.conftest import SMALL_IMAGES, compose_cfg, compose_train_cfg, make_imagefolder
+
+
+def optimize_into(run: Path, *overrides: str) -> dict:
+    from src.optimize import optimize
+
+    return optimize(compose_cfg("optimize", run, *overrides))
+
+
+def train_in(out: Path, *overrides: str) -> dict:
+    from src.train import train
+
+    return train(compose_train_cfg(out, *overrides))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, its shards): 16 train and 8 val images, written by two processes in ~10 KB chunks
+    (several chunks per writer: the order across writers and chunks is what the table must follow)."""
+    tmp = tmp_path_factory.mktemp("streaming")
+    data = make_imagefolder(tmp / "data", per_split={"train": 8, "val": 4}, size=(96, 72))
+    figures = optimize_into(
+        tmp / "run", f"data.root={data}", f"output_dir={tmp / 'shards'}", "chunk_mb=0.01", "num_workers=2"
+    )
+    assert figures["images"] == {"train": 16, "val": 8}
+    assert len(list((tmp / "shards" / "train").glob("chunk-*.bin"))) >= 4
+    assert {p.name for p in (tmp / "run").iterdir()} >= {
+        "split.csv",
+        "skipped_files.csv",
+        "duplicates.csv",
+        "optimize.json",
+    }
+    return data, tmp / "shards"
+
+
+def streaming_datamodule(location: str, cache: Path):
+    from torchvision import transforms as T
+
+    from src.data.streaming import StreamingDataModule
+
+    steps = [T.Resize(72), T.CenterCrop(64)]
+    return StreamingDataModule(
+        location, cache, train_transforms=steps, eval_transforms=steps, mean=[0.5] * 3, std=[0.5] * 3, num_workers=0
+    )
+
+
+@pytest.mark.parametrize("prefix", ["", "local:"], ids=["folder", "as-a-bucket"])
+def test_shards_hold_every_image_s_own_bytes_in_the_listing_s_order(shards, tmp_path, prefix):
+    from src.data.datamodule import ImageFolderDataModule
+
+    data, out = shards
+    dm = streaming_datamodule(f"{prefix}{out}", tmp_path / "cache")
+    dm.setup("fit")
+    steps = dm.eval_transform.transforms[:-2]
+    folder = ImageFolderDataModule(data, steps, steps, [0.5] * 3, [0.5] * 3, num_workers=0, preflight_cache_dir=None)
+    folder.setup("fit")
+    assert dm.classes == folder.classes and dm.split_rows() == folder.split_rows()
+    assert dm.digests == folder.digests and dm.fingerprint == folder.fingerprint
+    for split in ("train", "val"):
+        streamed, listed = dm.datasets[split], folder.datasets[split]
+        assert [s for s, _ in streamed.samples] == [s for s, _ in listed.samples]
+        streamed.transform = listed.transform = dm.eval_transform  # the same pixels, not the same random crop
+        for i in range(len(listed)):
+            (a, ya), (b, yb) = streamed[i], listed[i]
+            assert ya == yb and torch.equal(a, b), (split, i)
+    if prefix:  # read the way a bucket is: every chunk came through the download cache
+        assert len(list((tmp_path / "cache").rglob("chunk-*.bin"))) == len(list(out.rglob("chunk-*.bin")))
+
+
+def test_a_streamed_run_is_its_folder_run_sharing_the_feature_cache(shards, tmp_path):
+    data, out = shards
+    common = [*SMALL_IMAGES, "experiment=lite0_fe", "trainer.max_epochs=2", "data.batch_size=4", "seed=3"]
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    folder = train_in(tmp_path / "folder", *common, f"data.root={data}", cache)
+    streamed = train_in(tmp_path / "streamed", *common, "data=streaming", f"data.input_dir={out}", cache)
+    assert streamed["feature_cache"]["embedded_images"] == 0  # every row from the folder run's cache
+    assert streamed["feature_cache"]["hits"] >= 2
+    for a, b in zip(folder["history"], streamed["history"], strict=True):
+        for key in ("train/loss", "val/loss", "val/acc"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key)
+    for name in ("split.csv", "skipped_files.csv", "duplicates.csv"):
+        assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "folder" / name).read_text()
+
+
+@pytest.mark.slow
+def test_streamed_image_epochs_shuffle_per_epoch_and_resume_exactly_mid_epoch(shards, tmp_path):
+    """No feature cache: every epoch streams images through LitData's loader (local: = through the download
+    cache). A SIGTERM after the first step of epoch 2 and a resume end where the straight run ends."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    _, out = shards
+    base = [
+        *SMALL_IMAGES,
+        "experiment=lite0_fe",
+        "trainer.max_epochs=3",
+        "data.batch_size=4",
+        "seed=5",
+        "model.cache.enabled=false",
+        "data=streaming",
+        f"data.input_dir=local:{out}",
+        "data.num_workers=1",
+    ]
+    straight = train_in(tmp_path / "straight", *base)
+    with pytest.raises(SIGTERMException):
+        train_in(
+            tmp_path / "resumed",
+            *base,
+            "+callbacks.sig._target_=tests.signals.SignalAt",
+            "+callbacks.sig.epoch=1",
+            "+callbacks.sig.batch=0",
+            f"+callbacks.sig.signum={int(signal.SIGTERM)}",
+        )
+    resumed = train_in(tmp_path / "resumed", *base, "ckpt_path=last")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        for key in ("train/loss", "val/loss", "val/acc"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key, a[key], b[key])
+
+
+def test_the_streaming_loader_shuffles_by_the_run_s_epoch_whoever_holds_it(shards, tmp_path):
+    from src.data.streaming import EpochStreamingLoader
+
+    _, out = shards
+    dm = streaming_datamodule(str(out), tmp_path / "cache")
+    dm.setup("fit")
+    epoch = {"now": 0}
+
+    def order(loader) -> list[int]:
+        return [round(float(t.sum()), 2) for t, _ in loader]  # an image's pixel sum identifies it
+
+    def make() -> EpochStreamingLoader:
+        stream = dm.datasets["train"].stream(shuffle=True, seed=9, drop_last=False)
+        return EpochStreamingLoader(stream, lambda: epoch["now"], batch_size=1)
+
+    kept = make()
+    first = order(kept)
+    epoch["now"] = 1
+    second = order(kept)
+    assert sorted(first) == sorted(second) and first != second  # every item once, reshuffled
+    assert order(make()) == second  # a loader made again for epoch 1 is epoch 1's
+    epoch["now"] = 0
+    assert order(make()) == first
+
+
+def test_streaming_refuses_what_it_cannot_do_with_a_clear_message(shards, tmp_path):
+    data, out = shards
+    with pytest.raises(DatasetError, match="data.input_dir is not set"):
+        streaming_datamodule(None, tmp_path)
+    with pytest.raises(DatasetError, match="holds no dataset.json"):
+        streaming_datamodule(str(data), tmp_path).setup("fit")
+    with pytest.raises(DatasetError, match="holds no dataset.json"):
+        streaming_datamodule(f"local:{data}", tmp_path).setup("fit")
+    cfg = [*SMALL_IMAGES, "experiment=lite0_fe", "data=streaming", f"data.input_dir={out}"]
+    for extra, message in (
+        (f"data.root={data}", "data.root and data.labels describe image folders"),
+        ("data.sampler=balanced", "class_weights=auto"),
+        ("data.split.folds=3", "k-fold"),
+    ):
+        with pytest.raises(Exception) as refused:  # Hydra wraps what the datamodule raises
+            train_in(tmp_path / "refused", *cfg, extra)
+        error = user_error_in(refused.value)
+        assert isinstance(error, ConfigError) and message in str(error), refused.value
+
+
+def test_tasks_that_read_folders_refuse_shards_by_name(shards, tmp_path):
+    from src.audit import audit
+
+    _, out = shards
+    streaming = ["data=streaming", f"data.input_dir={out}"]
+    with pytest.raises(ConfigError, match="src.audit reads image folders"):
+        audit(compose_cfg("audit", tmp_path / "audit", *streaming))
+    with pytest.raises(ConfigError, match="src.optimize reads image folders"):
+        optimize_into(tmp_path / "optimize", *streaming, f"output_dir={tmp_path / 'again'}")
+
+
+def test_shards_out_of_step_with_their_table_fail_loudly(shards, tmp_path):
+    import shutil
+
+    _, out = shards
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / METADATA).read_text())
+    rows = meta["items"]["val"]
+    rows[0], rows[1] = rows[1], rows[0]  # the table says item 0 is what the shard holds at 1
+    (copy / METADATA).write_text(json.dumps(meta))
+    dm = streaming_datamodule(str(copy), tmp_path / "cache")
+    dm.setup("fit")
+    with pytest.raises(DatasetError, match="out of step"):
+        dm.datasets["val"][0]
+    meta["items"]["val"] = rows[:-1]  # one item fewer than the shards hold
+    (copy / METADATA).write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="holds 8 items but dataset.json lists 7"):
+        streaming_datamodule(str(copy), tmp_path / "cache").setup("fit")
+
+
+def test_optimize_refuses_a_folder_it_did_not_write_and_keeps_its_files(shards, tmp_path):
+    data, _ = shards
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty and holds no dataset.json"):
+        optimize_into(tmp_path / "run", f"data.root={data}", f"output_dir={foreign}")
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="chunk_mb"):
+        optimize_into(tmp_path / "run2", f"data.root={data}", f"output_dir={tmp_path / 'new'}", "chunk_mb=0")

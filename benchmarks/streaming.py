@@ -98,7 +98,7 @@ def main() -> None:
     body = "\n".join(
         [
             f"`make bench-stream`: {'generated' if a.images else data.name} ({images} images, {train_images} train), "
-            "the recipe's train transforms, batches of {BATCH}, {workers} decoding worker(s), no model; "
+            f"the recipe's train transforms, batches of {BATCH}, {workers} decoding worker(s), no model; "
             f"{platform.processor() or 'CPU'} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}. Writing the shards "
             f"(list, preflight done before; litdata.optimize): {write_s:.1f} s, {images / write_s:.0f} images/s; "
             f"{shard_mb:.1f} MB of shards for {data_mb:.1f} MB of images (the files' own bytes).",

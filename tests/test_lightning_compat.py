@@ -182,3 +182,9 @@ def test_start_stream_epoch(tiny_shards: str) -> None:
     assert not resumed.restore and resumed.current_epoch == 7
     assert sorted(int(x) for batch in resumed for x in batch["index"]) == list(range(12))
     assert resumed.current_epoch == 8  # the loader adds one as the pass starts
+
+
+def test_stream_items(tiny_shards: str) -> None:
+    from litdata import StreamingDataset
+
+    assert compat.stream_items(StreamingDataset(tiny_shards)) == 12

@@ -33,7 +33,7 @@ from src.data.listing import class_counts
 from src.data.seeding import mix
 from src.data.shards import is_remote, join, normalise_location, read_metadata
 from src.utils.errors import ConfigError, DatasetError
-from src.utils.lightning_compat import start_stream_epoch
+from src.utils.lightning_compat import start_stream_epoch, stream_items
 
 log = logging.getLogger(__name__)
 # LitData's datasets are iterable and know their length per rank and worker: Lightning's caution does not apply
@@ -242,7 +242,7 @@ class StreamingDataModule(ImageFolderDataModule):
             dataset = StreamedSplit(
                 location, samples, digests, self.classes, transform, self.loader, self.stream_options
             )
-            shards = len(dataset.stream(shuffle=False, seed=None, drop_last=False))
+            shards = stream_items(dataset.stream(shuffle=False, seed=None, drop_last=False))
             if shards != len(samples):
                 raise DatasetError(
                     f"{location} holds {shards} items but dataset.json lists {len(samples)}: the shards are "

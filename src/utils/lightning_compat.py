@@ -127,3 +127,11 @@ def start_stream_epoch(loader: Any, epoch: int, resumed: bool) -> None:
         return
     loader.restore = False
     loader.current_epoch = epoch
+
+
+def stream_items(dataset: Any) -> int:
+    """Every item of a StreamingDataset's shards, whatever this process's rank.
+
+    ``len()`` is this rank's share under DDP; the items per chunk the dataset reads (after ``subsample``) are
+    only in its ``region_of_interest``."""
+    return sum(end - start for start, end in dataset.region_of_interest)

@@ -219,3 +219,27 @@ def test_optimize_refuses_a_folder_it_did_not_write_and_keeps_its_files(shards, 
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(ConfigError, match="chunk_mb"):
         optimize_into(tmp_path / "run2", f"data.root={data}", f"output_dir={tmp_path / 'new'}", "chunk_mb=0")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: m["items"]["train"][0].__setitem__(1, 2), r"items.train\[0\] is not"),  # class 2 of 2
+        (lambda m: m["items"]["val"][3].__setitem__(0, "/etc/passwd"), r"items.val\[3\] is not"),
+        (lambda m: m.__setitem__("classes", []), "classes must be a list"),
+        (lambda m: m["items"].__setitem__("holdout", []), "items must map splits"),
+        (lambda m: m.pop("fingerprint"), "fingerprint must be text"),
+    ],
+    ids=["label-out-of-range", "absolute-path", "no-classes", "unknown-split", "no-fingerprint"],
+)
+def test_a_damaged_dataset_json_is_refused_before_anything_reads_it(shards, tmp_path, damage, message):
+    import shutil
+
+    _, out = shards
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / METADATA).read_text())
+    damage(meta)
+    (copy / METADATA).write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=f"dataset.json is damaged .*{message}"):
+        streaming_datamodule(str(copy), tmp_path / "cache").setup("fit")

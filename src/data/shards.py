@@ -134,7 +134,52 @@ def read_metadata(location: str, cache_dir: str | os.PathLike, storage_options: 
             f"{join(location, METADATA)} is not in this project's format ({FORMAT}); write the shards again with "
             "src.optimize."
         )
+    problem = metadata_problem(metadata)
+    if problem:
+        raise DatasetError(
+            f"{join(location, METADATA)} is damaged ({problem}); write the shards again with src.optimize."
+        )
     return metadata
+
+
+def metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """What is wrong with a dataset.json's contents (edited by hand, cut short), or None."""
+    from src.data.listing import SPLITS
+
+    classes = metadata.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        return "classes must be a list of names"
+    if len(set(classes)) != len(classes):
+        return "class names repeat"
+    for key in ("source", "fingerprint", "layout", "how"):
+        if not isinstance(metadata.get(key), str):
+            return f"{key} must be text"
+    items = metadata.get("items")
+    if not isinstance(items, dict) or not set(items) <= set(SPLITS):
+        return f"items must map splits ({', '.join(SPLITS)}) to rows"
+    for split, rows in items.items():
+        if not isinstance(rows, list):
+            return f"items.{split} must be a list"
+        for n, row in enumerate(rows):
+            ok = (
+                isinstance(row, list)
+                and len(row) == 3
+                and isinstance(row[0], str)
+                and row[0]
+                and not Path(row[0]).is_absolute()
+                and isinstance(row[1], int)
+                and not isinstance(row[1], bool)
+                and 0 <= row[1] < len(classes)
+                and isinstance(row[2], str)
+                and len(row[2]) == 64
+            )
+            if not ok:
+                return f"items.{split}[{n}] is not [path under the source, class index, SHA-256]: {str(row)[:200]}"
+    for key, width in (("skipped", 3), ("duplicates", 6)):
+        rows = metadata.get(key, [])
+        if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == width for r in rows):
+            return f"{key} must be a list of rows of {width}"
+    return None
 
 
 def prepare_output(location: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -417,3 +417,25 @@ def test_near_pairs_equal_a_brute_force_comparison_of_every_pair(within, monkeyp
             if np.abs(thumbs[i].astype(np.float32) - thumbs[j]).mean() <= 8.0:
                 want.add((items[i][1], items[j][1], 1 - bits / 64))
     assert len(want) > 100 and found == want
+
+
+def test_the_duplicate_search_is_kept_for_an_unchanged_dataset_and_redone_on_any_change(tmp_path, monkeypatch):
+    from src.data import duplicates
+    from src.data.duplicates import NearRule, cached_duplicates
+
+    files = {"train": ["a", "b"], "val": ["c"]}
+    digests = {"a": "1" * 64, "b": "2" * 64, "c": "1" * 64}  # a = c: exact copies
+    signatures = {p: "00" * 200 for p in files["train"] + files["val"]}  # all alike: near copies
+    rule = NearRule(max_hash_distance=4, max_colour_difference=2.0)
+    first = cached_duplicates(files, digests, signatures, rule, tmp_path)
+    assert [(q.kind, q.path_a, q.path_b) for q in first] == [("exact", "a", "c"), ("near", "b", "c")]
+    searches = []
+    real = duplicates.find_duplicates
+    monkeypatch.setattr(duplicates, "find_duplicates", lambda *a: searches.append(a) or real(*a))
+    assert cached_duplicates(files, digests, signatures, rule, tmp_path) == first and not searches
+    signatures["b"] = "ff" * 8 + "00" * 192  # b's structure changed: no longer near c
+    assert [q.path_b for q in cached_duplicates(files, digests, signatures, rule, tmp_path)] == ["c"]
+    assert len(searches) == 1
+    cached_duplicates(files, digests, signatures, NearRule(max_hash_distance=2), tmp_path)  # another rule
+    cached_duplicates({"train": ["a"], "val": ["b", "c"]}, digests, signatures, rule, tmp_path)  # another split
+    assert len(searches) == 3

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision import transforms as T
 
-from src.data.duplicates import NearRule, Pair, find_duplicates
+from src.data.duplicates import NearRule, Pair, cached_duplicates
 from src.data.images import RGBLoader
 from src.data.listing import ImageList, SplitOptions, class_counts, list_images, relative, split_rows
 from src.data.preflight import drop_samples, scan
@@ -280,7 +280,9 @@ class ImageFolderDataModule(LightningDataModule):
     def check_duplicates(self, files: dict[str, list[str]]) -> None:
         """Warn about (or, with duplicates=error, stop on) copies in different splits: leakage. Exact by
         SHA-256; near (resized, re-encoded) by perceptual hash and colour."""
-        self.duplicates = find_duplicates(files, self.digests, self.signatures, self.near_rule)
+        self.duplicates = cached_duplicates(
+            files, self.digests, self.signatures, self.near_rule, self.preflight_cache_dir
+        )
         if not self.duplicates:
             return
         listing = "\n".join(

@@ -10,13 +10,21 @@ shape at the same place in another colour), all more than 11/255 apart in colour
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from src.data.preflight import signature_arrays
+from src.utils.errors import UserError
+from src.utils.io import atomic_write, json_digest
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024  # rows compared at once: bounds memory at CHUNK x N bytes
 CANDIDATES = 65536  # hash-close pairs whose colours are compared at once (x 192 floats x 4 bytes: 50 MB)
@@ -69,6 +77,33 @@ def find_duplicates(
         exact = {(p.path_a, p.path_b) for p in pairs}
         pairs += [q for q in near_pairs(items, signatures, rule, within) if (q.path_a, q.path_b) not in exact]
     return sorted(pairs, key=lambda q: (q.kind != "exact", -q.similarity, q.path_a, q.path_b))
+
+
+def cached_duplicates(
+    files: dict[str, list[str]],
+    digests: dict[str, str],
+    signatures: dict[str, str],
+    rule: NearRule,
+    cache_dir: str | os.PathLike | None,
+) -> list[Pair]:
+    """``find_duplicates`` across splits, kept in ``cache_dir`` under a key of everything it reads (each file's
+    split, path, SHA-256 and signature, and the rule): an unchanged dataset skips the search, which on a
+    100,000-image look-alike set costs a minute or more; any change (a file, a split, the rule) searches again."""
+    if cache_dir is None:
+        return find_duplicates(files, digests, signatures, rule)
+    listed = [[s, p, digests.get(p), signatures.get(p)] for s in sorted(files) for p in files[s]]
+    path = Path(cache_dir) / f"duplicates-{json_digest([asdict(rule), listed])[:32]}.json"
+    try:
+        return [Pair(*row) for row in json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))]
+    except (OSError, ValueError, TypeError):
+        pass  # none yet, or unreadable: search
+    pairs = find_duplicates(files, digests, signatures, rule)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: json.dump([list(q.row()) for q in pairs], f))
+    except (OSError, UserError) as err:  # costs a search next time, no more
+        log.warning("Duplicate search not cached (%s); the next run searches again", err)
+    return pairs
 
 
 def exact_pairs(items: list[tuple[str, str]], digests: dict[str, str], within: bool) -> list[Pair]:

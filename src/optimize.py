@@ -19,7 +19,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.data.shards import normalise_location, refuse_shards, write_shards
+from src.data.shards import check_output, normalise_location, refuse_shards, write_shards
 from src.train import SIZING_KEYS, write_preflight_report
 from src.utils.cli import report_user_errors
 from src.utils.errors import ConfigError
@@ -43,6 +43,8 @@ def optimize(cfg: DictConfig) -> dict[str, Any]:
         )
     refuse_shards(cfg.data, "src.optimize")
     location = normalise_location(str(cfg.output_dir))
+    if cfg.data.get("root") is not None:
+        check_output(location, Path(str(cfg.data.root)).expanduser())
     settings = {  # resolved key by key: the transforms' sizes stay unresolved (src.train fills them)
         key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         for key, value in cfg.data.items()

@@ -5,6 +5,7 @@ folder read as a bucket (``local:``) stands in for object storage."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -189,24 +190,72 @@ def test_tasks_that_read_folders_refuse_shards_by_name(shards, tmp_path):
         optimize_into(tmp_path / "optimize", *streaming, f"output_dir={tmp_path / 'again'}")
 
 
-def test_shards_out_of_step_with_their_table_fail_loudly(shards, tmp_path):
+def copy_of(out: Path, tmp_path: Path) -> tuple[Path, dict]:
     import shutil
 
+    shutil.copytree(out, tmp_path / "copy")
+    return tmp_path / "copy", json.loads((tmp_path / "copy" / METADATA).read_text())
+
+
+def test_shards_out_of_step_with_their_table_fail_loudly(shards, tmp_path):
     _, out = shards
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    meta = json.loads((copy / METADATA).read_text())
+    copy, meta = copy_of(out, tmp_path)
     rows = meta["items"]["val"]
     rows[0], rows[1] = rows[1], rows[0]  # the table says item 0 is what the shard holds at 1
+    rows[2][1] = 1 - rows[2][1]  # and item 2 has the other class
     (copy / METADATA).write_text(json.dumps(meta))
     dm = streaming_datamodule(str(copy), tmp_path / "cache")
     dm.setup("fit")
-    with pytest.raises(DatasetError, match="out of step"):
-        dm.datasets["val"][0]
+    for i in (0, 2):
+        with pytest.raises(DatasetError, match=f"item {i} .* is not what dataset.json lists"):
+            dm.datasets["val"][i]
     meta["items"]["val"] = rows[:-1]  # one item fewer than the shards hold
     (copy / METADATA).write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match="holds 8 items but dataset.json lists 7"):
         streaming_datamodule(str(copy), tmp_path / "cache").setup("fit")
+
+
+def test_damaged_chunks_are_refused_not_trained_on_or_cached(shards, tmp_path):
+    """Bytes flipped inside a chunk: the image may still decode (JPEG), but its SHA-256 no longer matches, so
+    no run trains on it or stores its features under the clean image's key."""
+    _, out = shards
+    copy, _ = copy_of(out, tmp_path)
+    chunk = sorted((copy / "val").glob("chunk-*.bin"))[0]
+    data = bytearray(chunk.read_bytes())
+    for k in range(len(data) // 2, len(data) // 2 + 10):
+        data[k] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    dm = streaming_datamodule(str(copy), tmp_path / "cache")
+    dm.setup("fit")
+    errors = []
+    for i in range(len(dm.datasets["val"])):
+        try:
+            dm.datasets["val"][i]
+        except DatasetError as err:
+            errors.append(str(err))
+    assert errors and all("write them again with src.optimize" in e or "does not decode" in e for e in errors), errors
+    (copy / "train" / "index.json").unlink()
+    with pytest.raises(DatasetError, match="Could not open the shards at .*train"):
+        streaming_datamodule(str(copy), tmp_path / "cache").setup("fit")
+    with pytest.raises(DatasetError, match="is one split of a dataset: pass the folder above it"):
+        streaming_datamodule(str(copy / "val"), tmp_path / "cache").setup("fit")
+
+
+def test_a_file_changed_while_shards_are_written_stops_every_writer_with_its_name(tmp_path):
+    from src.data.datamodule import ImageFolderDataModule
+    from src.data.shards import write_shards
+    from src.utils.processes import descendants
+
+    data = make_imagefolder(tmp_path / "data", per_split={"train": 6, "val": 2}, size=(32, 24))
+    source = ImageFolderDataModule(data, [], [], [0.5] * 3, [0.5] * 3, num_workers=0, preflight_cache_dir=None)
+    source.setup("fit")
+    changed = source.datasets["train"].samples[-1][0]
+    Path(changed).write_bytes(Path(changed).read_bytes() + b"more")  # after the preflight hashed it
+    before = set(descendants(os.getpid()))
+    with pytest.raises(DatasetError, match=f"{changed} changed while the shards were being written"):
+        write_shards(source, str(tmp_path / "shards"), 0.01, 2)
+    assert set(descendants(os.getpid())) <= before  # LitData leaves its writers and their helpers running; none is left
+    assert not (tmp_path / "shards" / METADATA).exists()  # readers refuse the half-written shards
 
 
 def test_optimize_refuses_a_folder_it_did_not_write_and_keeps_its_files(shards, tmp_path):
@@ -219,6 +268,26 @@ def test_optimize_refuses_a_folder_it_did_not_write_and_keeps_its_files(shards, 
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(ConfigError, match="chunk_mb"):
         optimize_into(tmp_path / "run2", f"data.root={data}", f"output_dir={tmp_path / 'new'}", "chunk_mb=0")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        optimize_into(tmp_path / "run3", f"data.root={data}", f"output_dir={tmp_path / 'afile'}")
+
+
+def test_optimize_never_writes_where_the_images_are(shards, tmp_path):
+    import shutil
+
+    data, out = shards
+    shutil.copytree(out, tmp_path / "shards")
+    shutil.copytree(data, tmp_path / "shards" / "images")  # images inside an old shards folder
+    before = sorted(p for p in (tmp_path / "shards").rglob("*"))
+    for root, output in (
+        (tmp_path / "shards" / "images", tmp_path / "shards"),
+        (tmp_path / "shards", tmp_path / "shards"),
+        (tmp_path / "shards", tmp_path / "shards" / "images" / "out"),
+    ):
+        with pytest.raises(ConfigError, match="overlap: write the shards to a folder outside"):
+            optimize_into(tmp_path / "run", f"data.root={root}", f"output_dir={output}")
+    assert sorted(p for p in (tmp_path / "shards").rglob("*")) == before
 
 
 @pytest.mark.parametrize(

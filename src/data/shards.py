@@ -16,8 +16,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +62,28 @@ def local_folder(location: str) -> Path | None:
     return None if is_remote(location) else Path(location)
 
 
+_WRITER_STARTED = False
+
+
 def encode_item(item: tuple[str, int, str]) -> dict[str, Any]:
     """One shard item from (path, class index, SHA-256 found by the preflight): the file's bytes, checked
-    against that SHA-256 so a file edited since the preflight is not written under its old identity."""
+    against that SHA-256 so a file edited since the preflight is not written under its old identity.
+
+    Runs in LitData's writer processes, which never learn that their parent died: the first item makes this
+    one die with it."""
+    global _WRITER_STARTED
+    if not _WRITER_STARTED:
+        from src.utils.processes import die_with_parent
+
+        die_with_parent()
+        _WRITER_STARTED = True
     path, label, sha256 = item
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{path} became unreadable while the shards were being written ({err}).") from err
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise DatasetError(f"{path} changed while the shards were being written; run src.optimize again.")
+        raise DatasetError(f"{path} changed while the shards were being written.")
     return {"image": data, "label": int(label), "sha256": sha256}
 
 
@@ -108,6 +125,8 @@ def read_metadata(location: str, cache_dir: str | os.PathLike, storage_options: 
         f"{location} holds no {METADATA}: not a dataset written by src.optimize. Write one with "
         f"`python -m src.optimize data.root=/path/to/images output_dir={location}`."
     )
+    if folder is not None and (folder.parent / METADATA).is_file() and not (folder / METADATA).is_file():
+        raise DatasetError(f"{location} is one split of a dataset: pass the folder above it, {folder.parent}.")
     if folder is not None and not location.startswith("local:"):
         path = folder / METADATA
         if not path.is_file():
@@ -182,10 +201,30 @@ def metadata_problem(metadata: dict[str, Any]) -> str | None:
     return None
 
 
+def check_output(location: str, source_root: Path) -> None:
+    """Before any work: a local ``output_dir`` must be a folder (or not exist yet), and neither hold the
+    images nor sit among them (rewriting the shards empties their split folders; a layout of class folders
+    would list the shards as a class)."""
+    folder = local_folder(location)
+    if folder is None:
+        return
+    folder, root = folder.resolve(), source_root.resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output_dir={location} is a file, not a folder; nothing was written.")
+    if folder == root or folder in root.parents or root in folder.parents:
+        raise ConfigError(
+            f"output_dir={location} and data.root={source_root} overlap: write the shards to a folder outside "
+            "the images (and the images outside it); nothing was written."
+        )
+
+
 def prepare_output(location: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Ready ``location`` for new shards. A local folder: created, or emptied when it holds shards this
-    project wrote; refused when it holds anything else. Object storage: its ``dataset.json`` removed first
-    (LitData's overwrite mode replaces the shards)."""
+    """Ready ``location`` for new shards. A local folder: created, or, when it holds shards this project wrote,
+    its dataset.json and split folders removed (anything else in it is left); refused when it holds other
+    things and no dataset.json. Object storage: its dataset.json removed first (LitData's overwrite mode
+    replaces the shards)."""
+    from src.data.listing import SPLITS
+
     folder = local_folder(location)
     if folder is None:
         remove_metadata(location, storage_options)
@@ -196,9 +235,27 @@ def prepare_output(location: str, storage_options: dict[str, Any] | None = None)
             "was written)."
         )
     (folder / METADATA).unlink(missing_ok=True)
-    for child in list(folder.iterdir()) if folder.exists() else []:
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for split in SPLITS:
+        shutil.rmtree(folder / split, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def run_writers(optimize: Callable[..., None], **kwargs: Any) -> None:
+    """``litdata.optimize(**kwargs)``; when a writer fails (or the run is stopped), every process it started is
+    ended — LitData leaves its writers and their helper processes (a remover blocked on its own queue)
+    running, holding the terminal's output — and a DatasetError raised in a writer comes out as itself, not
+    inside LitData's RuntimeError."""
+    from src.utils.processes import descendants, kill_descendants
+
+    before = set(descendants(os.getpid()))  # a caller's own workers are left alone
+    try:
+        optimize(**kwargs)
+    except BaseException as err:
+        kill_descendants(keep=before)
+        found = re.search(r"DatasetError: (.+)", str(err))
+        if found:
+            raise DatasetError(f"{found.group(1)} Nothing usable was written; run src.optimize again.") from None
+        raise
 
 
 def write_shards(
@@ -224,7 +281,8 @@ def write_shards(
         items[split] = [[relative(source.root, p), c, sha] for p, c, sha in rows]
         if not rows:
             continue
-        optimize(
+        run_writers(
+            optimize,
             fn=encode_item,
             inputs=rows,
             output_dir=join(target, split),

@@ -15,6 +15,7 @@ local folder or object storage, without the images on a local disk.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -43,14 +44,16 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 class ImageStream(StreamingDataset):
     """A split's shard items decoded and transformed: (image tensor, class index).
 
-    Each item's bytes come with the SHA-256 dataset.json lists for its position: a shard out of step with
-    its table fails loudly instead of training on the wrong label. ``augment_seed``: the transform draws under
-    mix(seed, epoch, index), as SeededItems does for folders."""
+    Each item's bytes are hashed and its class compared with what dataset.json lists for its position: a
+    damaged shard, or one out of step with its table, fails loudly instead of training on other pixels or
+    the wrong label (and instead of storing their features under this image's key). ``augment_seed``: the
+    transform draws under mix(seed, epoch, index), as SeededItems does for folders."""
 
     def __init__(
         self,
         location: str,
         expected: list[str],
+        labels: list[int],
         paths: list[str],
         transform: Callable,
         loader: Callable,
@@ -65,29 +68,35 @@ class ImageStream(StreamingDataset):
             storage_options=options.get("storage_options") or {},
             **kwargs,
         )
-        self.location, self.expected, self.paths = location, expected, paths
+        self.location, self.expected, self.labels, self.paths = location, expected, labels, paths
         # not .transform: StreamingDataset applies its own ``transform`` attribute to raw items
         self.image_transform, self.decode, self.augment_seed = transform, loader, augment_seed
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, int]:
-        item = super().__getitem__(index)
         i = index if isinstance(index, int) else index.index
-        if item["sha256"] != self.expected[i]:
+        where = f"{self.location}: item {i} ({self.paths[i] if 0 <= i < len(self.paths) else 'beyond the table'})"
+        try:
+            item = super().__getitem__(index)
+        except Exception as err:  # a truncated or damaged chunk, a download that failed
+            raise DatasetError(f"{where} could not be read ({err}); write the shards again with src.optimize.") from err
+        # the bytes themselves, not the digest stored beside them: a damaged chunk (or a writer of the bucket)
+        # must not put other pixels under this image's key in the feature cache, which folder runs share
+        if hashlib.sha256(item["image"]).hexdigest() != self.expected[i] or int(item["label"]) != self.labels[i]:
             raise DatasetError(
-                f"{self.location}: item {i} is not {self.paths[i]} (its SHA-256 differs from dataset.json's): the "
-                "shards and their table are out of step; write the shards again with src.optimize."
+                f"{where} is not what dataset.json lists (its SHA-256 or class differs): the shards are damaged or "
+                "out of step with their table; write them again with src.optimize."
             )
         try:
             image = self.decode(io.BytesIO(item["image"]))
         except Exception as err:
-            raise DatasetError(f"{self.location}: item {i} ({self.paths[i]}) does not decode: {err}") from err
+            raise DatasetError(f"{where} does not decode: {err}") from err
         if self.augment_seed is None:
-            return self.image_transform(image), int(item["label"])
+            return self.image_transform(image), self.labels[i]
         generator = torch.default_generator
         state = generator.get_state()
         generator.manual_seed(mix(self.augment_seed, self.current_epoch, i))
         try:
-            return self.image_transform(image), int(item["label"])
+            return self.image_transform(image), self.labels[i]
         finally:
             generator.set_state(state)
 
@@ -120,6 +129,7 @@ class StreamedSplit(Dataset):
         return ImageStream(
             self.location,
             self.digests,
+            self.targets,
             [p for p, _ in self.samples],
             self.transform,
             self.loader,
@@ -138,6 +148,7 @@ class StreamedSplit(Dataset):
             self._reader = ImageStream(
                 self.location,
                 self.digests,
+                self.targets,
                 [p for p, _ in self.samples],
                 self.transform,
                 self.loader,
@@ -242,7 +253,12 @@ class StreamingDataModule(ImageFolderDataModule):
             dataset = StreamedSplit(
                 location, samples, digests, self.classes, transform, self.loader, self.stream_options
             )
-            shards = stream_items(dataset.stream(shuffle=False, seed=None, drop_last=False))
+            try:
+                shards = stream_items(dataset.stream(shuffle=False, seed=None, drop_last=False))
+            except Exception as err:  # no index.json, an unreadable one, a bucket out of reach
+                raise DatasetError(
+                    f"Could not open the shards at {location} ({err}); write them again with src.optimize."
+                ) from err
             if shards != len(samples):
                 raise DatasetError(
                     f"{location} holds {shards} items but dataset.json lists {len(samples)}: the shards are "

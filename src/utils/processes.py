@@ -41,6 +41,42 @@ def start_worker() -> None:
     die_with_parent()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (children, their children, ...), read from /proc (Linux; elsewhere
+    none): a library's workers may start helpers of their own that its parent never learns of."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]  # after the command name (may hold spaces)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if state not in ("Z", "X"):  # a zombie has ended: only its exit status waits to be collected
+            parents.setdefault(int(ppid), []).append(int(entry))
+    found, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += parents.get(child, [])
+    return found
+
+
+def kill_descendants(keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """SIGKILL every process below this one but those in ``keep`` (what ran before), then reap this one's
+    own children."""
+    import multiprocessing
+
+    for pid in set(descendants(os.getpid())) - set(keep):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass  # ended meanwhile
+    for child in multiprocessing.active_children():
+        child.join(5)
+
+
 def _raise_sigterm(signum: int, frame: FrameType | None) -> None:
     """SIGTERM outside training: stop where the program stands, through the usual exception path.
 

@@ -145,16 +145,7 @@ class StreamedSplit(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self._reader is None:
-            self._reader = ImageStream(
-                self.location,
-                self.digests,
-                self.targets,
-                [p for p, _ in self.samples],
-                self.transform,
-                self.loader,
-                None,
-                self.options,
-            )
+            self._reader = self.stream(shuffle=False, seed=None, drop_last=False)
         return self._reader[int(index)]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def is_remote(location: str) -> bool:
 
 def normalise_location(location: str | os.PathLike) -> str:
     """A URL as given (no trailing slash); a local folder as an absolute path."""
-    text = str(location).rstrip("/")
+    text = str(location).rstrip("/") or str(location)  # "/" stays "/"
     return text if is_remote(text) else str(Path(text).expanduser().resolve())
 
 

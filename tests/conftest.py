@@ -165,6 +165,20 @@ def compose_train_cfg(output_dir: Path, *overrides: str):
     return compose_cfg("train", output_dir, *overrides)
 
 
+def train_in(out: Path, *overrides: str) -> dict:
+    """``train(cfg)`` in this process on the real config (``compose_train_cfg``); its summary."""
+    from src.train import train
+
+    return train(compose_train_cfg(out, *overrides))
+
+
+def assert_same_history(a: list[dict], b: list[dict], keys=("train/loss", "val/loss", "val/acc")) -> None:
+    """Two runs' per-epoch figures equal to 1e-6, epoch by epoch."""
+    for x, y in zip(a, b, strict=True):
+        for key in keys:
+            assert abs(x[key] - y[key]) <= 1e-6, (x["epoch"], key, x[key], y[key])
+
+
 def compose_cfg(config_name: str, output_dir: Path, *overrides: str):
     """A task's real config (train, eval, audit, ...) composed for an in-process call, as
     ``compose_train_cfg``; a Hydra main takes it directly: ``main(cfg)``."""

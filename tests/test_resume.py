@@ -17,7 +17,7 @@ from src.data.resumable import ResumableLoader, ShardedSampler
 from src.data.seeding import EpochSampler
 from src.utils.errors import UserError
 from tests import forkrun
-from tests.conftest import REPO, SMALL_IMAGES, make_imagefolder, run_cli
+from tests.conftest import REPO, SMALL_IMAGES, assert_same_history, make_imagefolder, run_cli, train_in
 
 # 32 training images in batches of 4 = 8 steps per epoch; fresh augmentation every epoch (no train cache),
 # so shuffling, augmentation and dropout must all replay; full checkpoints (16 MB) so writes take a while
@@ -46,9 +46,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     ha = json.loads((a / "summary.json").read_text())["history"]
     hb = json.loads((b / "summary.json").read_text())["history"]
     assert [h["epoch"] for h in hb] == [h["epoch"] for h in ha] == [1, 2, 3, 4, 5]
-    for x, y in zip(ha, hb, strict=True):
-        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
-            assert abs(x[key] - y[key]) <= 1e-6, (x["epoch"], key, x[key], y[key])
+    assert_same_history(ha, hb, ("train/loss", "train/acc", "val/loss", "val/acc"))
     wa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     wb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
@@ -211,13 +209,6 @@ def test_resume_from_a_corrupt_or_missing_last_ckpt_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------ in-process resume checks
 
 
-def train_in(out: Path, *overrides: str) -> dict:
-    from src.train import train
-    from tests.conftest import compose_train_cfg
-
-    return train(compose_train_cfg(out, *overrides))
-
-
 def stop_after(epoch: int) -> list[str]:
     return ["+callbacks.stop._target_=tests.signals.StopAfter", f"+callbacks.stop.epoch={epoch}"]
 
@@ -290,9 +281,7 @@ def test_resume_is_exact_with_the_default_cache_and_at_every_fine_tuning_stage(
                 train_in(tmp_path / "resumed", *base, *resume, *interrupt(kind, epoch))
     resumed = train_in(tmp_path / "resumed", *base, "ckpt_path=last")
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    for a, b in zip(straight["history"], resumed["history"], strict=True):
-        for key in ("train/loss", "val/loss", "val/acc"):
-            assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key, a[key], b[key])
+    assert_same_history(straight["history"], resumed["history"])
 
 
 def test_last_ckpt_is_written_every_epoch_even_when_val_loss_does_not_improve(small_data, tmp_path):

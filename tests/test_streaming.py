@@ -15,19 +15,13 @@ import torch
 from src.data.shards import METADATA
 from src.utils.cli import user_error_in
 from src.utils.errors import ConfigError, DatasetError, UserError
-from tests.conftest import SMALL_IMAGES, compose_cfg, compose_train_cfg, make_imagefolder
+from tests.conftest import SMALL_IMAGES, assert_same_history, compose_cfg, make_imagefolder, train_in
 
 
 def optimize_into(run: Path, *overrides: str) -> dict:
     from src.optimize import optimize
 
     return optimize(compose_cfg("optimize", run, *overrides))
-
-
-def train_in(out: Path, *overrides: str) -> dict:
-    from src.train import train
-
-    return train(compose_train_cfg(out, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +86,7 @@ def test_a_streamed_run_is_its_folder_run_sharing_the_feature_cache(shards, tmp_
     streamed = train_in(tmp_path / "streamed", *common, "data=streaming", f"data.input_dir={out}", cache)
     assert streamed["feature_cache"]["embedded_images"] == 0  # every row from the folder run's cache
     assert streamed["feature_cache"]["hits"] >= 2
-    for a, b in zip(folder["history"], streamed["history"], strict=True):
-        for key in ("train/loss", "val/loss", "val/acc"):
-            assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key)
+    assert_same_history(folder["history"], streamed["history"])
     for name in ("split.csv", "skipped_files.csv", "duplicates.csv"):
         assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "folder" / name).read_text()
 
@@ -129,9 +121,7 @@ def test_streamed_image_epochs_shuffle_per_epoch_and_resume_exactly_mid_epoch(sh
         )
     resumed = train_in(tmp_path / "resumed", *base, "ckpt_path=last")
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    for a, b in zip(straight["history"], resumed["history"], strict=True):
-        for key in ("train/loss", "val/loss", "val/acc"):
-            assert abs(a[key] - b[key]) <= 1e-6, (a["epoch"], key, a[key], b[key])
+    assert_same_history(straight["history"], resumed["history"])
 
 
 def test_the_streaming_loader_shuffles_by_the_run_s_epoch_whoever_holds_it(shards, tmp_path):

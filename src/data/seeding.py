@@ -7,6 +7,7 @@ processes, their start order and how many epochs they have served play no part.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -91,12 +92,19 @@ class KeySeededItems(Dataset):
         return seeded_item(self.dataset, index, self.seeds[index])
 
 
-def seeded_item(dataset: Dataset, index: int, seed: int) -> Any:
-    """``dataset[index]`` with the CPU generator the transforms draw from seeded by ``seed``, then restored."""
+@contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """The CPU generator the transforms draw from seeded by ``seed`` inside the block, then restored."""
     generator = torch.default_generator
     state = generator.get_state()
     generator.manual_seed(seed)
     try:
-        return dataset[index]
+        yield
     finally:
         generator.set_state(state)
+
+
+def seeded_item(dataset: Dataset, index: int, seed: int) -> Any:
+    """``dataset[index]`` transformed under ``seed`` (``torch_seeded``)."""
+    with torch_seeded(seed):
+        return dataset[index]

@@ -125,20 +125,17 @@ def read_metadata(location: str, cache_dir: str | os.PathLike, storage_options: 
         f"{location} holds no {METADATA}: not a dataset written by src.optimize. Write one with "
         f"`python -m src.optimize data.root=/path/to/images output_dir={location}`."
     )
-    if folder is not None and (folder.parent / METADATA).is_file() and not (folder / METADATA).is_file():
-        raise DatasetError(f"{location} is one split of a dataset: pass the folder above it, {folder.parent}.")
-    if folder is not None and not location.startswith("local:"):
-        path = folder / METADATA
-        if not path.is_file():
-            raise DatasetError(missing)
-        text = path.read_text()
-    else:
+    if folder is not None and not (folder / METADATA).is_file():
+        if (folder.parent / METADATA).is_file():
+            raise DatasetError(f"{location} is one split of a dataset: pass the folder above it, {folder.parent}.")
+        raise DatasetError(missing)
+    if folder is not None and not is_remote(location):
+        text = (folder / METADATA).read_text()
+    else:  # object storage, or local: (read as storage is, through the cache)
         from src.utils.lightning_compat import download
 
         local = Path(cache_dir) / hashlib.sha256(location.encode()).hexdigest()[:16] / METADATA
         local.parent.mkdir(parents=True, exist_ok=True)
-        if folder is not None and not (folder / METADATA).is_file():
-            raise DatasetError(missing)
         try:
             download(location, join(location, METADATA), str(local), str(local.parent), storage_options)
         except Exception as err:  # any client's error: missing object, credentials, network

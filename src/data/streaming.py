@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from src.data.datamodule import ImageFolderDataModule, WorkerInit, format_counts
 from src.data.duplicates import Pair
 from src.data.listing import class_counts
-from src.data.seeding import mix
+from src.data.seeding import mix, torch_seeded
 from src.data.shards import is_remote, join, normalise_location, read_metadata
 from src.utils.errors import ConfigError, DatasetError
 from src.utils.lightning_compat import start_stream_epoch, stream_items
@@ -92,13 +92,8 @@ class ImageStream(StreamingDataset):
             raise DatasetError(f"{where} does not decode: {err}") from err
         if self.augment_seed is None:
             return self.image_transform(image), self.labels[i]
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(mix(self.augment_seed, self.current_epoch, i))
-        try:
+        with torch_seeded(mix(self.augment_seed, self.current_epoch, i)):
             return self.image_transform(image), self.labels[i]
-        finally:
-            generator.set_state(state)
 
 
 class StreamedSplit(Dataset):

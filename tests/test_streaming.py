@@ -246,6 +246,9 @@ def test_a_file_changed_while_shards_are_written_stops_every_writer_with_its_nam
         write_shards(source, str(tmp_path / "shards"), 0.01, 2)
     assert set(descendants(os.getpid())) <= before  # LitData leaves its writers and their helpers running; none is left
     assert not (tmp_path / "shards" / METADATA).exists()  # readers refuse the half-written shards
+    Path(changed).write_bytes(Path(changed).read_bytes()[: -len(b"more")])  # as the preflight saw it: written again
+    assert write_shards(source, str(tmp_path / "shards"), 0.01, 2)["items"]["train"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [METADATA, "train", "val"]  # no write marker left
 
 
 def test_optimize_refuses_a_folder_it_did_not_write_and_keeps_its_files(shards, tmp_path):
@@ -253,7 +256,7 @@ def test_optimize_refuses_a_folder_it_did_not_write_and_keeps_its_files(shards, 
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not empty and holds no dataset.json"):
+    with pytest.raises(UserError, match=r"holds what src.optimize did not write \(notes.txt\)"):
         optimize_into(tmp_path / "run", f"data.root={data}", f"output_dir={foreign}")
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(ConfigError, match="chunk_mb"):
@@ -261,6 +264,49 @@ def test_optimize_refuses_a_folder_it_did_not_write_and_keeps_its_files(shards, 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         optimize_into(tmp_path / "run3", f"data.root={data}", f"output_dir={tmp_path / 'afile'}")
+
+
+def test_optimize_knows_its_shards_by_their_format_not_by_a_file_name(shards, tmp_path):
+    """A user's folder with train/, val/ and a dataset.json of their own is not shards: refused, untouched. Shards
+    written before, or a write cut short (the marker is there, dataset.json not yet), are written again; an extra
+    file inside their split folders makes them someone's folder again."""
+    import shutil
+
+    data, out = shards
+    mine = tmp_path / "mine"
+    make_imagefolder(mine, per_split={"train": 1, "val": 1})
+    (mine / METADATA).write_text(json.dumps({"name": "my photo collection"}))
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    for metadata in ({"name": "my photo collection"}, {"format": "someone-else/1"}, "not json \xff"):
+        (mine / METADATA).write_text(metadata if isinstance(metadata, str) else json.dumps(metadata))
+        with pytest.raises(DatasetError, match="holds what src.optimize did not write"):
+            optimize_into(tmp_path / "run", f"data.root={data}", f"output_dir={mine}")
+    (mine / METADATA).write_text(json.dumps({"name": "my photo collection"}))
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (again / "train" / "holiday.jpg").write_bytes(b"a photo")  # someone's file among the chunks
+    with pytest.raises(DatasetError, match=r"\(train/holiday.jpg\)"):
+        optimize_into(tmp_path / "run", f"data.root={data}", f"output_dir={again}")
+    (again / "train" / "holiday.jpg").unlink()
+    (again / METADATA).unlink()  # a write cut short by kill -9: the marker, an emptied split folder
+    (again / ".src-optimize-writing.json").write_text(
+        json.dumps({"format": "transfer-learning-template/litdata-shards/1"})
+    )
+    shutil.rmtree(again / "val")
+    assert optimize_into(tmp_path / "run", f"data.root={data}", f"output_dir={again}")["images"] == {
+        "train": 16,
+        "val": 8,
+    }
+    assert sorted(p.name for p in again.iterdir()) == [METADATA, "train", "val"]
+
+
+def test_shard_metadata_of_random_bytes_is_refused_by_name(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / METADATA).write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(DatasetError, match="dataset.json is not JSON text"):
+        streaming_datamodule(str(tmp_path / "shards"), tmp_path / "cache").setup("fit")
 
 
 def test_optimize_never_writes_where_the_images_are(shards, tmp_path):

@@ -26,7 +26,15 @@ from typing import Any
 from src.utils.errors import ConfigError, DatasetError
 
 METADATA = "dataset.json"
-FORMAT = "transfer-learning-template/litdata-shards/1"
+FORMAT_FAMILY = "transfer-learning-template/litdata-shards/"
+FORMAT = f"{FORMAT_FAMILY}1"  # the family marks a folder as this project's shards; the number is the version
+# written before anything is removed or written, removed once dataset.json is in place: a write cut short (kill -9)
+# leaves it, so the folder is still known as this project's and can be written again
+WRITING = ".src-optimize-writing.json"
+# what LitData leaves in a split folder (chunks, per-rank and merged indexes, their temp and lock files, key sidecars)
+LITDATA_FILE = re.compile(
+    r"(chunk-[\w.-]*\.bin|([\w-]+[.-])?index\.json|[\w.-]*\.(lock|tmp)|shard-[\w-]*\.parquet)(\.tmp[\w.]*)?"
+)
 REMOTE_PREFIXES = ("s3://", "gs://", "r2://", "azure://", "hf://", "local:")
 
 
@@ -92,9 +100,8 @@ def write_metadata(location: str, metadata: dict[str, Any], storage_options: dic
     text = json.dumps(metadata, separators=(",", ":"))
     folder = local_folder(location)
     if folder is not None:
-        tmp = folder / f".{METADATA}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / METADATA)
+        write_atomic(folder / METADATA, text)
+        (folder / WRITING).unlink(missing_ok=True)  # the write is whole: the marker's work is done
         return
     from src.utils.lightning_compat import storage
 
@@ -130,7 +137,7 @@ def read_metadata(location: str, cache_dir: str | os.PathLike, storage_options: 
             raise DatasetError(f"{location} is one split of a dataset: pass the folder above it, {folder.parent}.")
         raise DatasetError(missing)
     if folder is not None and not is_remote(location):
-        text = (folder / METADATA).read_text()
+        raw = (folder / METADATA).read_bytes()
     else:  # object storage, or local: (read as storage is, through the cache)
         from src.utils.lightning_compat import download
 
@@ -140,15 +147,23 @@ def read_metadata(location: str, cache_dir: str | os.PathLike, storage_options: 
             download(location, join(location, METADATA), str(local), str(local.parent), storage_options)
         except Exception as err:  # any client's error: missing object, credentials, network
             raise DatasetError(f"Could not read {join(location, METADATA)}: {err}. {missing}") from err
-        text = local.read_text()
-    try:
-        metadata = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{join(location, METADATA)} is not valid JSON ({err}); write the shards again.") from err
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raw = local.read_bytes()
+    metadata = parse_metadata(raw)
+    if metadata is None:
         raise DatasetError(
-            f"{join(location, METADATA)} is not in this project's format ({FORMAT}); write the shards again with "
-            "src.optimize."
+            f"{join(location, METADATA)} is not JSON text: not a dataset written by src.optimize (or damaged); "
+            "write the shards again with src.optimize."
+        )
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        version = (
+            f" (it is version {found.removeprefix(FORMAT_FAMILY)!r} of this project's shards)"
+            if is_ours(metadata)
+            else ""
+        )
+        raise DatasetError(
+            f"{join(location, METADATA)} is not in this project's format {FORMAT}{version}; write the shards again "
+            "with src.optimize."
         )
     problem = metadata_problem(metadata)
     if problem:
@@ -156,6 +171,20 @@ def read_metadata(location: str, cache_dir: str | os.PathLike, storage_options: 
             f"{join(location, METADATA)} is damaged ({problem}); write the shards again with src.optimize."
         )
     return metadata
+
+
+def parse_metadata(raw: bytes) -> Any:
+    """The JSON value in ``raw``; None when it is not UTF-8 JSON text (random bytes, a binary file)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def is_ours(metadata: Any) -> bool:
+    """A dataset.json (or write marker) this project wrote: a mapping whose ``format`` names this project's shard
+    format, any version. A file that is merely called dataset.json is not proof."""
+    return isinstance(metadata, dict) and str(metadata.get("format", "")).startswith(FORMAT_FAMILY)
 
 
 def metadata_problem(metadata: dict[str, Any]) -> str | None:
@@ -215,26 +244,83 @@ def check_output(location: str, source_root: Path) -> None:
         )
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """What in a local ``folder`` this project's shard writing did not put there: anything but dataset.json, the
+    write marker and split folders holding only LitData's files. Empty for a folder of shards (or of a write cut
+    short) that may be written again."""
+    from src.data.listing import SPLITS
+
+    own = False
+    for name in (METADATA, WRITING):
+        if (folder / name).is_file():
+            own = own or is_ours(parse_metadata((folder / name).read_bytes()))
+    if not own:  # no marker of this project's format: nothing here is ours (a file named dataset.json is not proof)
+        return sorted(p.name for p in folder.iterdir())
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in (METADATA, WRITING, f".{METADATA}.tmp") and entry.is_file():
+            continue
+        if entry.name in SPLITS and entry.is_dir() and not entry.is_symlink():
+            found += [
+                f"{entry.name}/{p.relative_to(entry)}"
+                for p in entry.rglob("*")
+                if not (p.is_dir() and not p.is_symlink()) and not LITDATA_FILE.fullmatch(p.name)
+            ]
+            continue
+        found.append(entry.name)
+    return found
+
+
 def prepare_output(location: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Ready ``location`` for new shards. A local folder: created, or, when it holds shards this project wrote,
-    its dataset.json and split folders removed (anything else in it is left); refused when it holds other
-    things and no dataset.json. Object storage: its dataset.json removed first (LitData's overwrite mode
+    """Ready ``location`` for new shards. A local folder: created, or, when it holds shards this project wrote (its
+    dataset.json or write marker says so by its format, not by its name) and nothing else, the write marker put in
+    place and the old dataset.json and split folders removed; any other folder is refused, untouched. Object
+    storage: an existing dataset.json must be this project's; it is removed first (LitData's overwrite mode
     replaces the shards)."""
     from src.data.listing import SPLITS
 
     folder = local_folder(location)
     if folder is None:
+        refuse_foreign_remote(location, storage_options)
         remove_metadata(location, storage_options)
         return
-    if folder.exists() and any(folder.iterdir()) and not (folder / METADATA).is_file():
-        raise DatasetError(
-            f"output_dir={location} is not empty and holds no {METADATA}: choose an empty or new folder (nothing "
-            "was written)."
-        )
+    if folder.exists() and any(folder.iterdir()):
+        foreign = foreign_entries(folder)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise DatasetError(
+                f"output_dir={location} holds what src.optimize did not write ({shown}): choose an empty or new "
+                f"folder, or one holding only shards written before (nothing was written or removed)."
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / WRITING, json.dumps({"format": FORMAT, "state": "writing"}))
     (folder / METADATA).unlink(missing_ok=True)
     for split in SPLITS:
         shutil.rmtree(folder / split, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
+
+
+def refuse_foreign_remote(location: str, storage_options: dict[str, Any] | None) -> None:
+    """Object storage: a dataset.json at ``location`` that this project did not write is refused, untouched."""
+    from src.utils.lightning_compat import download, storage
+
+    if not storage(location, storage_options).exists(join(location, METADATA)):
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / METADATA
+        download(location, join(location, METADATA), str(local), scratch, storage_options)
+        metadata = parse_metadata(local.read_bytes())
+    if not is_ours(metadata):
+        raise DatasetError(
+            f"output_dir={location} holds a {METADATA} that src.optimize did not write: choose another prefix "
+            "(nothing was written or removed)."
+        )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file and a rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_writers(optimize: Callable[..., None], **kwargs: Any) -> None:

@@ -307,6 +307,18 @@ def test_label_issues_rank_planted_wrong_labels_first():
     assert (ranking.suggested[planted] == labels[planted]).all() and ranking.flagged[planted].all()
 
 
+def test_label_issues_take_a_class_with_one_image():
+    """Six ants and one bee: the fold without the bee in its training part has one class (sklearn refuses to fit
+    that); the bee is scored by heads that never saw its class, and the others still get out-of-fold scores."""
+    rng = np.random.default_rng(1)
+    given = np.array([0] * 6 + [1])
+    features = rng.normal(0, 1, (7, 16)) + given[:, None] * 3
+    ranking = rank_label_issues(torch.tensor(features), torch.tensor(given), folds=5, seed=0, c=0.1, max_iter=2000)
+    assert ranking.folds == 2 and len(ranking.quality) == 7
+    assert ranking.quality[6] == 0.0 and ranking.suggested[6] == 0  # its class never seen out of fold
+    assert np.isfinite(ranking.quality).all() and (ranking.quality[:6] > 0.5).all()
+
+
 # ------------------------------------------------------------------------------------ careless-user inputs
 
 

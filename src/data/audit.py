@@ -54,7 +54,7 @@ def rank_label_issues(
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -73,13 +73,28 @@ def rank_label_issues(
         )
     head = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    probs = cross_val_predict(head, x, y, cv=cv, method="predict_proba")
+    probs = out_of_fold_probabilities(head, x, y, cv.split(x, y), int(y.max()) + 1)
     quality = get_label_quality_scores(y, probs)
     flagged = np.zeros(len(y), dtype=bool)
     # n_jobs=1: cleanlab's own process pool, forked inside a process with torch's threads, was seen to hang
     flagged[find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)] = True
     suggested = probs.argmax(1)
     return LabelRanking(quality, suggested, flagged, float((suggested == y).mean()), k)
+
+
+def out_of_fold_probabilities(head, x: np.ndarray, y: np.ndarray, folds, classes: int) -> np.ndarray:  # noqa: ANN001
+    """Each image's class probabilities from a head fitted without it, one column per class. A class absent from a
+    fold's training part (one with a single image) gets probability 0 in that fold; a training part of one class
+    only predicts it with certainty (a head needs two classes to fit: sklearn's cross_val_predict stops there)."""
+    probs = np.zeros((len(y), classes))
+    for train, held_out in folds:
+        present = np.unique(y[train])
+        if len(present) == 1:
+            probs[held_out, present[0]] = 1.0
+            continue
+        head.fit(x[train], y[train])
+        probs[np.ix_(held_out, present)] = head.predict_proba(x[held_out])
+    return probs
 
 
 def suspects_grid(

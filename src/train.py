@@ -29,12 +29,19 @@ from src.models.classifier import check_model_config, inverse_frequency_weights
 from src.models.timm_backbones import HUB_TIMEOUT_S
 from src.utils.checkpoint_io import newest_readable_checkpoint
 from src.utils.cli import report_user_errors
-from src.utils.config import check_trainer_settings, instantiate_each, module_config, save_config
+from src.utils.config import (
+    check_trainer_settings,
+    instantiate_each,
+    module_config,
+    run_record,
+    save_config,
+    write_run_record,
+)
 from src.utils.distributed import launched_as_rank_zero
 from src.utils.errors import ConfigError
 from src.utils.io import DiskFullError, write_csv, write_json
 from src.utils.lightning_compat import spawns_local_processes
-from src.utils.resume import check_same_data, resume_checkpoint
+from src.utils.resume import changed_settings, check_same_data, remove_interrupted_writes, resume_checkpoint
 
 log = logging.getLogger("src.train")
 # a frozen backbone is in eval mode on purpose when training starts (BatchNorm statistics must not move)
@@ -54,9 +61,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     route_lightning_logs()
     output_dir = Path(cfg.paths.output_dir)
     writer = launched_as_rank_zero()  # DDP: the other ranks run this too, and write nothing
+    record = run_record(cfg)  # .hydra/, as composed; written with the rest once every check below has passed
     resolve_preprocessing(cfg)
-    if writer:
-        log.info("Config\n%s", save_config(cfg, output_dir))
     # before any data work: a typo costs seconds
     model_settings = OmegaConf.to_container(cfg.model, resolve=True)
     check_model_config(
@@ -79,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     preprocessing = preprocessing_record(  # what inference needs; the eval transforms checked here
         cfg.data.mean, cfg.data.std, OmegaConf.to_container(cfg.data.eval_transforms, resolve=True)
     )
-    resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints", cleanup=writer)
+    resume = resume_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
     if resume is not None:
         check_same_preprocessing(resume.hparams.get("preprocessing"), preprocessing, resume.path)
     if cfg.get("seed") is not None:
@@ -89,10 +95,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if writer:
-        write_preflight_report(output_dir, datamodule)
+    changed = {}
     if resume is not None:
         check_same_data(resume, datamodule.classes, datamodule.fingerprint, bool(cfg.get("allow_new_data", False)))
+        changed = changed_settings(resume, cfg)
+    if writer:  # every refusal came before this: a refused resume leaves the run folder as it was
+        write_run_record(output_dir, record)
+        log.info("Config\n%s", save_config(cfg, output_dir))
+        write_preflight_report(output_dir, datamodule)
+        remove_interrupted_writes(output_dir / "checkpoints")
     model_cfg = module_config(cfg.model)
     loss = class_weighted_loss(model_settings.get("loss"), datamodule)
     model = instantiate(
@@ -143,6 +154,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary["split"] = datamodule.split_summary()
     if lr_find is not None:
         summary["lr_find"] = lr_find
+    if resume is not None:
+        summary["resumed"] = {"from": resume.path, "changed_settings": changed}
     if not trainer.is_global_zero:
         return summary  # metrics were synced across ranks: rank zero reports them
     if "test" in datamodule.datasets and summary["best_checkpoint"]:

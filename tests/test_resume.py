@@ -313,14 +313,27 @@ def test_resume_refuses_other_preprocessing(small_data, tmp_path):
 def test_resume_refuses_another_dataset_unless_asked(small_data, tmp_path):
     base = [*FE, "trainer.max_epochs=2"]
     train_in(tmp_path / "run", *base, f"data.root={small_data}", *stop_after(1))
+    before = folder_contents(tmp_path / "run")
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", "config.yaml", "split.csv"} <= set(before)
     cats = make_imagefolder(tmp_path / "cats", classes=("cats", "dogs"), per_split={"train": 8, "val": 4})
     with pytest.raises(UserError, match=r"trained on the classes \['ants', 'bees'\].*has \['cats', 'dogs'\]"):
         train_in(tmp_path / "run", *base, f"data.root={cats}", "ckpt_path=last")
     other = make_imagefolder(tmp_path / "other", per_split={"train": 8, "val": 4}, seed=5)  # same classes
     with pytest.raises(UserError, match="not the ones it was trained on.*allow_new_data=true"):
         train_in(tmp_path / "run", *base, f"data.root={other}", "ckpt_path=last")
-    continued = train_in(tmp_path / "run", *base, f"data.root={other}", "ckpt_path=last", "allow_new_data=true")
+    assert folder_contents(tmp_path / "run") == before  # refused: config, split.csv, records as they were
+    continued = train_in(
+        tmp_path / "run",
+        *base,
+        f"data.root={other}",
+        "ckpt_path=last",
+        "allow_new_data=true",
+        "model.loss.label_smoothing=0.1",
+    )
     assert [h["epoch"] for h in continued["history"]] == [1, 2]
+    changed = continued["resumed"]["changed_settings"]  # allowed, never silent
+    assert changed["data.root"] == [str(small_data), str(other)] and changed["model.loss.label_smoothing"][1] == 0.1
+    assert "trainer.max_epochs" not in changed and "ckpt_path" not in changed
     train_in(tmp_path / "run2", *base, f"data.root={small_data}", *stop_after(1))
     moved = tmp_path / "moved"
     small_data.rename(moved)  # the same files in another place are the same data
@@ -330,8 +343,17 @@ def test_resume_refuses_another_dataset_unless_asked(small_data, tmp_path):
         moved.rename(small_data)
 
 
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    """Every file under a run folder but its log and TensorBoard events, by path: what a refused run must not change."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix != ".log" and "tensorboard" not in p.parts
+    }
+
+
 def test_last_means_where_the_run_stopped_even_when_last_ckpt_was_never_written(tmp_path):
-    from src.utils.resume import resume_checkpoint
+    from src.utils.resume import remove_interrupted_writes, resume_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -344,7 +366,8 @@ def test_last_means_where_the_run_stopped_even_when_last_ckpt_was_never_written(
     for how in ("last", "auto"):
         resume = resume_checkpoint(how, ckpts)
         assert resume.path == str(ckpts / "epoch_000.ckpt") and resume.hparams["class_names"] == ["a", "b"]
-    assert not (ckpts / ".last.ckpt.x1.tmp").exists()
+    remove_interrupted_writes(ckpts)  # src.train, once every check has passed
+    assert not (ckpts / ".last.ckpt.x1.tmp").exists() and (ckpts / "epoch_000.ckpt").exists()
     (ckpts / "last.ckpt").write_bytes(b"torn")  # a damaged last.ckpt is an error, never skipped over
     with pytest.raises(UserError, match="last.ckpt is corrupt.*epoch_000.ckpt"):
         resume_checkpoint("last", ckpts)

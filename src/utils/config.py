@@ -35,6 +35,34 @@ def save_config(cfg: DictConfig, output_dir: Path) -> str:
     return tree
 
 
+RUN_RECORD = ".hydra"  # where Hydra keeps a run's composed config, its own settings and the command line's overrides
+
+
+def run_record(cfg: DictConfig) -> dict[str, str]:
+    """What Hydra writes into ``.hydra/`` (the task's config as composed, hydra.yaml, overrides.yaml), as texts.
+    Taken at the start of a task, before it fills anything in; {} outside a Hydra run.
+
+    Tasks that may be refused in a run folder that already holds a run (src.train's resume) set
+    ``hydra.output_subdir: null`` and write this themselves once their checks passed: Hydra would rewrite it
+    before the task starts, so a refused resume would leave another command's record beside the old run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.instance().cfg
+    if hydra is None or "hydra" not in hydra:
+        return {}
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(hydra),
+        "overrides.yaml": OmegaConf.to_yaml(hydra.hydra.overrides.task),
+    }
+
+
+def write_run_record(output_dir: Path, record: dict[str, str]) -> None:
+    """``run_record``'s texts into ``output_dir/.hydra/``, each file atomically."""
+    for name, text in record.items():
+        atomic_write(output_dir / RUN_RECORD / name, lambda f, text=text: f.write(text))
+
+
 def check_trainer_settings(trainer: DictConfig) -> None:
     """Raise ConfigError, before any data work, on trainer values that would run nothing or fail late."""
     epochs = trainer.get("max_epochs")

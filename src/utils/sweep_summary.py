@@ -13,8 +13,9 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from src.utils.config import RUN_RECORD, write_run_record
 from src.utils.io import write_csv, write_json
 from src.utils.lightning_compat import job_exception
 
@@ -44,6 +45,8 @@ class SweepSummary(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         job_dir = Path(config.hydra.runtime.output_dir)
+        if not (job_dir / RUN_RECORD / "overrides.yaml").is_file():  # a job refused before it wrote its record
+            write_run_record(job_dir, {"overrides.yaml": OmegaConf.to_yaml(config.hydra.overrides.task)})
         if job_return.status == JobStatus.FAILED:
             err = job_exception(job_return)
             write_json(job_dir / FAILURE, {"status": "failed", "reason": f"{type(err).__name__}: {err}"})

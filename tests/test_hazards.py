@@ -109,6 +109,45 @@ def test_the_log_file_survives_odd_names_and_stops_once_on_a_full_disk(tmp_path,
     handler.close()
 
 
+# src.predict where the operating system refuses every write into one folder (a read-only mount; the suite runs as
+# root, which writes through permission bits)
+READ_ONLY = textwrap.dedent(
+    """
+    import errno, os, runpy, sys, tempfile
+    refused, make = sys.argv.pop(), tempfile.mkstemp
+    def mkstemp(*args, dir=None, **kwargs):
+        if str(dir).startswith(refused):
+            raise PermissionError(errno.EROFS, os.strerror(errno.EROFS))
+        return make(*args, dir=dir, **kwargs)
+    tempfile.mkstemp = mkstemp
+    runpy.run_module("src.predict", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_anything_runs(tmp_path):
+    (tmp_path / "afile").write_text("in the way")
+    (tmp_path / "read-only").mkdir()
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    cases = {
+        "a file in the path": ("src.predict", [f"hydra.run.dir={tmp_path / 'afile' / 'run'}"], "Not a directory"),
+        "its log file a folder": ("src.predict", [f"hydra.run.dir={tmp_path}"], "its log file predict.log"),
+        "log_dir under a file": ("src.predict", [f"paths.log_dir={tmp_path / 'afile'}"], "Not a directory"),
+        "read-only": (
+            f"-c:{READ_ONLY}",
+            [f"hydra.run.dir={tmp_path / 'read-only'}", str(tmp_path / "read-only")],
+            "Read-only file system",
+        ),
+    }
+    (tmp_path / "predict.log").mkdir()
+    for case, (module, where, reason) in cases.items():
+        proc = forkrun.run(module, "ckpt_path=x.ckpt", "input=nowhere", *where, cwd=REPO, env=env, timeout=120)
+        assert proc.returncode == 1, (case, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "Cannot write the run folder" in proc.stderr, (case, proc.stderr)
+        assert reason in proc.stderr and "nothing was run" in proc.stderr, (case, proc.stderr)
+    assert list((tmp_path / "read-only").iterdir()) == []
+
+
 def test_runs_started_together_get_their_own_folders(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -225,3 +264,28 @@ def test_a_worker_takes_sigterm_even_when_its_parent_only_notes_it():
         signal.signal(signal.SIGTERM, previous)
         if worker.is_alive():
             worker.kill()
+
+
+def test_a_device_this_machine_lacks_is_one_message(monkeypatch):
+    """src.predict/src.eval device=cuda on a CPU-only machine: a UserError naming the choices (it was an 11-frame
+    torch traceback from inside the checkpoint loader)."""
+    import torch
+
+    from src.utils.cli import pick_device
+    from src.utils.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for name, message in (
+        ("cuda", "torch sees no GPU on this machine: use device=auto or device=cpu"),
+        ("cuda:1", "torch sees no GPU"),
+        ("gpu0", "is not a device"),
+        ("meta", "runs on cpu or cuda"),
+    ):
+        with pytest.raises(UserError, match=message):
+            pick_device(name)
+    assert pick_device("auto") == pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"sees 1 GPU\(s\) here \(cuda:0 to cuda:0\)"):
+        pick_device("cuda:1")

@@ -84,7 +84,20 @@ def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU; or a torch device string."""
+    """``auto``: the GPU when there is one, else the CPU; or a torch device string (``cpu``, ``cuda``, ``cuda:1``),
+    checked here: a GPU asked for where torch sees none is a UserError, not a traceback from deep inside torch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(f"device={name!r} is not a device: use auto, cpu or cuda (cuda:N for GPU N).") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={name}, but torch sees no GPU on this machine: use device=auto or device=cpu.")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device={name}, but torch sees {count} GPU(s) here (cuda:0 to cuda:{count - 1}).")
+    elif device.type not in ("cpu",):
+        raise UserError(f"device={name}: this project runs on cpu or cuda; use device=auto, cpu or cuda.")
+    return device

@@ -159,6 +159,26 @@ def test_max_epochs_must_be_at_least_one(epochs):
     check_trainer_settings(OmegaConf.create({"max_epochs": 1}))
 
 
+def test_float16_on_a_cpu_is_refused_and_more_processes_than_cores_said(caplog, monkeypatch):
+    """trainer.precision=16-mixed on a CPU ran 138 s against 4-8 s with no word; devices=4 on 2 cores started 4."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for accelerator in ("cpu", "auto"):
+        with pytest.raises(ConfigError, match="float16 has no fast path there.*bf16-mixed"):
+            check_trainer_settings(
+                OmegaConf.create({"max_epochs": 1, "accelerator": accelerator, "precision": "16-mixed"})
+            )
+    check_trainer_settings(OmegaConf.create({"max_epochs": 1, "accelerator": "cpu", "precision": "bf16-mixed"}))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    check_trainer_settings(OmegaConf.create({"max_epochs": 1, "accelerator": "cpu", "devices": 2}))
+    assert "processes will share them" not in caplog.text
+    check_trainer_settings(OmegaConf.create({"max_epochs": 1, "accelerator": "cpu", "devices": 4}))
+    assert "trainer.devices=4 on a CPU with 2 cores: 4 processes will share them" in caplog.text
+
+
 @pytest.mark.parametrize(
     "edit",
     [

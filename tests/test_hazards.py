@@ -68,6 +68,15 @@ def test_class_names_that_would_break_labels_are_refused(tmp_path):
         datamodule(root)
 
 
+def test_class_names_that_differ_only_in_case_are_said(tmp_path, caplog):
+    root = make_imagefolder(tmp_path / "case", classes=("bees", "Bees", "ants", "wasp_nest", "Wasp Nest"))
+    datamodule(root)
+    assert "differ only in case, spaces or punctuation" in caplog.text
+    assert (
+        "'Bees' / 'bees'" in caplog.text and "'Wasp Nest' / 'wasp_nest'" in caplog.text and "'ants'" not in caplog.text
+    )
+
+
 def test_outputs_follow_the_umask(tmp_path):
     old = os.umask(0o002)
     try:
@@ -289,3 +298,31 @@ def test_a_device_this_machine_lacks_is_one_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match=r"sees 1 GPU\(s\) here \(cuda:0 to cuda:0\)"):
         pick_device("cuda:1")
+
+
+class FailingItems:
+    """A dataset whose every item fails as a damaged shard does: a DatasetError raised in a loader worker."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise DatasetError(f"shards: item {i} (a/b.jpg) is not what dataset.json lists;\nwrite them again.")
+
+
+def test_an_error_in_a_loader_worker_is_reported_by_its_own_message(caplog):
+    """torch re-raises a worker's error with the worker's traceback as its text: the run's one message must be the
+    error itself (it was a traceback inside the message)."""
+    from torch.utils.data import DataLoader
+
+    from src.utils.cli import user_error_in, user_message
+
+    with pytest.raises(DatasetError) as caught:
+        list(DataLoader(FailingItems(), num_workers=1))
+    assert "Original Traceback" in str(caught.value)
+    message = user_message(user_error_in(caught.value))
+    assert (
+        message
+        == "shards: item 0 (a/b.jpg) is not what dataset.json lists;\nwrite them again. (in a data-loading worker)"
+    )
+    assert user_message(DatasetError("plain")) == "plain"

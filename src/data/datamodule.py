@@ -180,6 +180,7 @@ class ImageFolderDataModule(LightningDataModule):
         log.info("Dataset %s: %d classes\n%s", self.root, len(self.classes), format_counts(self.class_counts))
         self.check_usable()
         self.warn_imbalance()
+        warn_look_alike_classes(self.classes)
         missing = [c for c, n in self.class_counts["val"].items() if n == 0]
         if missing:
             log.warning("No validation image for classes %s: their scores are not measured.", missing)
@@ -435,6 +436,21 @@ class WorkerInit:
         start_worker()
         if self.rank is not None and os.environ.get("PL_SEED_WORKERS") == "1":
             pl_worker_init_function(worker_id, rank=self.rank)
+
+
+def warn_look_alike_classes(classes: list[str]) -> None:
+    """Say so when class names differ only in case, spaces or separators ("bees", "Bees", "bees "): they train as
+    different classes, which is rarely what the labels meant."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        groups.setdefault("".join(ch for ch in name.casefold() if ch.isalnum()), []).append(name)
+    alike = [names for names in groups.values() if len(names) > 1]
+    if alike:
+        log.warning(
+            "Class names that differ only in case, spaces or punctuation train as separate classes: %s. Rename the "
+            "folders (or fix the label file) if each group is one class.",
+            "; ".join(" / ".join(repr(n) for n in names) for names in alike),
+        )
 
 
 def format_counts(counts: dict[str, dict[str, int]]) -> str:

@@ -6,6 +6,7 @@ import faulthandler
 import functools
 import logging
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable
@@ -34,6 +35,18 @@ def user_error_in(exc: BaseException | None) -> UserError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def user_message(err: UserError) -> str:
+    """The error's own message. Raised in a DataLoader worker, torch re-raises it in the main process with the
+    worker's traceback as its text ("Caught DatasetError in DataLoader worker process 0. Original Traceback ...");
+    a user needs the last line, not the frames."""
+    text = str(err)
+    starts = list(re.finditer(rf"\n(?:[\w.]+\.)?{type(err).__name__}: ", text)) if WORKER_TRACEBACK in text else []
+    return f"{text[starts[-1].end() :].strip()} (in a data-loading worker)" if starts else text
 
 
 def unique_dir(base: str) -> str:
@@ -75,7 +88,7 @@ def report_user_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
             err = user_error_in(exc)
             if err is None:
                 raise
-            log.error("%s", err)
+            log.error("%s", user_message(err))
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise err from None  # the sweep records this job as failed and goes on with the others
             sys.exit(1)

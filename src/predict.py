@@ -29,17 +29,33 @@ from src.utils.io import write_csv
 log = logging.getLogger("src.predict")
 
 
-def image_files(path: Path) -> list[Path]:
-    """``path`` itself, or every file under it with an image extension, sorted."""
+def image_files(path: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(``path`` itself or every image file under it, sorted; (path, reason) of the other files under it). Folders
+    are walked as training walks them: symlinked subfolders followed (a loop refused), files of types training
+    does not read (GIF, text) listed with the reason, never dropped without a word."""
+    from src.data.preflight import ignored_reason, symlink_loops
+
     if path.is_file():
-        return [path]
+        return [path], []
     if not path.is_dir():
         problem = not_a_regular_file(str(path)) if os.path.lexists(path) else None
         raise UserError(f"input {path}: {problem}." if problem else f"input {path} does not exist.")
-    files = sorted(p for p in path.rglob("*") if p.name.lower().endswith(IMG_EXTENSIONS) and not p.is_dir())
+    loops = symlink_loops(path)
+    if loops:
+        link, target = loops[0]
+        raise UserError(f"input {path}: the folder link {link} leads back to {target} (a loop); remove it.")
+    files, ignored = [], []
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+        subfolders.sort()
+        for name in names:
+            reason = ignored_reason(name)
+            if reason:
+                ignored.append((Path(folder) / name, reason))
+            else:
+                files.append(Path(folder) / name)
     if not files:
         raise UserError(f"No image files ({', '.join(IMG_EXTENSIONS)}) under {path}.")
-    return files
+    return sorted(files), sorted(ignored)
 
 
 class ImageFiles(Dataset):
@@ -80,12 +96,12 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}.")
     check_tta(cfg.get("tta"))
     classifier = Classifier.from_checkpoint(cfg.ckpt_path, cfg.device, cfg.decode_min_side)
-    files = image_files(Path(cfg.input))
+    files, ignored = image_files(Path(cfg.input))
     workers = default_num_workers() if cfg.get("num_workers") is None else int(cfg.num_workers)
     loader = DataLoader(
         ImageFiles(files, classifier), batch_size=int(cfg.batch_size), num_workers=workers, collate_fn=collate_readable
     )
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, str]] = [{"path": str(p), "error": reason} for p, reason in ignored]
     start = time.perf_counter()
     for indices, batch, errors in loader:
         rows += [{"path": str(files[i]), "error": err} for i, err in errors]

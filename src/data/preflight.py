@@ -108,18 +108,21 @@ def ignored_files(split_dir: str | os.PathLike, classes: list[str] | None = None
     GIFs are among them (often animations, or placeholders such as hymenoptera's imageNotFound.gif).
     ``classes``: the class folders to look in (default: every folder not starting with a dot)."""
     found = []
-    types = ", ".join(IMG_EXTENSIONS)
     for class_dir in sorted(Path(split_dir).iterdir()):
         if not class_dir.is_dir() or class_dir.name.startswith(".") or (classes and class_dir.name not in classes):
             continue
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):  # loops were refused before
             dirnames.sort()
-            for name in sorted(filenames):
-                if not name.lower().endswith(IMG_EXTENSIONS):
-                    ext = os.path.splitext(name)[1] or "no extension"
-                    reason = f"ignored: {ext} is not an image type ImageFolder reads ({types}); convert it to use it"
-                    found.append((os.path.join(dirpath, name), reason))
+            found += [(os.path.join(dirpath, n), ignored_reason(n)) for n in sorted(filenames) if ignored_reason(n)]
     return found
+
+
+def ignored_reason(name: str) -> str | None:
+    """Why a file of this name is not read as an image (its extension), or None for an image type."""
+    if name.lower().endswith(IMG_EXTENSIONS):
+        return None
+    ext = os.path.splitext(name)[1] or "no extension"
+    return f"ignored: {ext} is not an image type ImageFolder reads ({', '.join(IMG_EXTENSIONS)}); convert it to use it"
 
 
 def stat_regular(path: str) -> tuple[os.stat_result | None, str | None]:

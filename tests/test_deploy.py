@@ -4,6 +4,7 @@ bundle, the model card, the MLflow and CSV loggers."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import io
 import json
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,38 @@ def post(port: int, data: bytes, name: str) -> tuple[int, dict | bytes, float]:
         return err.code, json.loads(err.read()), time.perf_counter() - start
 
 
+def form(parts: list[tuple[str, str | None, bytes]], boundary: str) -> bytes:
+    """A multipart body of (field name, file name or None, content) parts."""
+    out = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def post_raw(port: int, body: bytes, boundary: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def huge_png(side: int) -> bytes:
+    """A grey side×side PNG of a few hundred KB (written row by row: PIL would build the whole image first)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(1), b"\x00" + b"\x80" * side  # each row: filter byte 0, then the pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_run):
     port = free_port()
@@ -135,6 +169,7 @@ def server(tiny_run):
         f"ckpt_path={tiny_run['ckpt']}",
         f"port={port}",
         f"hydra.run.dir={tiny_run['tmp'] / 'serve'}",
+        "body_timeout_s=3",  # the slow-body test waits this long
         cwd=REPO,
         log=log,
     )
@@ -234,6 +269,122 @@ def test_the_server_answers_a_burst_like_the_api_and_refuses_bad_uploads(tiny_ru
     assert status == 200
 
 
+def test_a_bad_upload_fails_only_its_own_request_and_huge_images_are_refused_unread(tiny_run, server):
+    """16 requests at once (max_batch_size 8): an upload that is not an image, or is cut short, gets its own
+    400 naming its own file only; the other requests of its batch are answered. A 13000×13000 PNG (169 MP, a few
+    hundred KB) is refused from its header (max_image_mp), in well under the seconds its decoding takes."""
+    good = [(f"good{i}.png", p.read_bytes()) for i, p in enumerate((tiny_run["images"] * 4)[:14])]
+    whole = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(whole, "PNG")
+    bad = [("notes.txt", b"this is not an image"), ("half.png", whole.getvalue()[: len(whole.getvalue()) // 2])]
+    for _ in range(3):
+        with cf.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda job: (job[0], post(server["port"], job[1], job[0])), good + bad))
+        for name, (status, body, _) in answers:
+            if name.startswith("good"):
+                assert status == 200 and body["class"] in ("ants", "bees"), (name, status, body)
+            else:
+                assert status == 400 and body["detail"].startswith(name) and "good" not in body["detail"], body
+    status, body, seconds = post(server["port"], huge_png(13_000), "huge.png")
+    assert status == 413 and "13000×13000" in body["detail"] and "max_image_mp" in body["detail"], body
+    assert seconds < 5, seconds
+    assert post(server["port"], good[0][1], "after.png")[0] == 200
+
+
+def test_the_pixel_budget_is_checked_from_the_header():
+    """load_rgb(max_pixels): refused before decoding; a JPEG counts the pixels it is decoded at (draft mode)."""
+    from src.data.images import ImageShapeError, ImageTooLargeError, load_rgb
+
+    assert issubclass(ImageTooLargeError, ImageShapeError)  # callers that skip misshapen images skip these too
+    data = huge_png(13_000)
+    start = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match=r"13000×13000 px: 169\.0 megapixels, over the limit of 50 megapixels"):
+        load_rgb(io.BytesIO(data), max_pixels=50_000_000)
+    assert time.perf_counter() - start < 0.5
+    jpeg = io.BytesIO()
+    Image.new("RGB", (2000, 2000), "blue").save(jpeg, "JPEG")
+    assert load_rgb(io.BytesIO(jpeg.getvalue()), min_side=512, max_pixels=1_000_000).size == (1000, 1000)  # 1/2
+    with pytest.raises(ImageTooLargeError, match="2000×2000 px"):
+        load_rgb(io.BytesIO(jpeg.getvalue()), max_pixels=1_000_000)  # no draft: 4 MP decoded
+    assert load_rgb(io.BytesIO(jpeg.getvalue())).size == (2000, 2000)  # no budget: as before
+
+
+def test_malformed_forms_and_slow_bodies_are_client_errors_without_a_traceback(tiny_run, server):
+    """Multipart parser failures are 400s with a JSON detail; a body slower than body_timeout_s (3 s here) is a
+    408 and its connection closed; a client that hangs up mid-body costs nothing. None of it logs a traceback."""
+    port, image = server["port"], tiny_run["images"][0].read_bytes()
+    logged = len(server["log"].read_text())
+    b = uuid.uuid4().hex
+    malformed = {
+        "Too many fields": form([(f"x{i}", None, b"v") for i in range(5000)] + [("file", "a.png", image)], b),
+        "Too many files": form([("file", "a.png", image), ("file2", "b.png", image)], b),
+        '"name" must be provided': form([("", "a.png", image)], b).replace(b'; name=""', b""),
+        "Part exceeded maximum size": form([("note", None, b"v" * 2_000_000), ("file", "a.png", image)], b),
+        "Invalid multipart data": b"--another-boundary\r\n\r\nxx\r\n--another-boundary--\r\n",
+    }
+    for message, body in malformed.items():
+        status, answer = post_raw(port, body, b)
+        assert status == 400 and message in answer["detail"], (message, status, answer)
+    # a slow body: the headers promise 100 kB, then one byte every 0.2 s
+    head = form([("file", "slow.png", b"")], b).split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    request = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={b}\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.sendall(f"{request}Content-Length: 100000\r\n\r\n".encode() + head)
+        slow.settimeout(0.2)
+        start, answer = time.monotonic(), b""
+        while not answer and time.monotonic() - start < 30:
+            try:
+                slow.sendall(b"x")
+                answer = slow.recv(65536)
+            except TimeoutError:
+                pass
+        waited = time.monotonic() - start
+        slow.settimeout(5)  # then the server closes the connection (a reset counts: the bytes still coming)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := slow.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ") and 2.5 < waited < 15, (answer[:200], waited)
+    assert "body_timeout_s" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
+    with socket.create_connection(("127.0.0.1", port)) as quitter:  # hangs up halfway through its body
+        quitter.sendall(f"{request}Content-Length: 100000\r\n\r\n".encode() + head + b"x" * 100)
+    time.sleep(0.5)
+    assert post(port, image, "after.png")[0] == 200
+    log = server["log"].read_text()[logged:]
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+
+
+def test_the_server_shows_no_absolute_path_and_no_docs_unless_asked(tiny_run, server):
+    """/metadata names the checkpoint by file name and SHA-256; FastAPI's /docs, /redoc, /openapi.json and
+    LitServe's /info are off (docs=true turns the first three on)."""
+    from omegaconf import OmegaConf
+
+    from src.serve import build_server
+    from src.utils.io import sha256_file
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/metadata", timeout=10) as r:
+        meta = json.loads(r.read())
+
+    def strings(value):
+        if isinstance(value, dict):
+            yield from (s for v in value.values() for s in strings(v))
+        elif isinstance(value, list):
+            yield from (s for v in value for s in strings(v))
+        elif isinstance(value, str):
+            yield value
+
+    assert not [s for s in strings(meta) if s.startswith("/") or str(REPO) in s or str(tiny_run["tmp"]) in s], meta
+    assert meta["checkpoint"] == Path(tiny_run["ckpt"]).name
+    assert meta["checkpoint_sha256"] == sha256_file(tiny_run["ckpt"])
+    assert meta["limits"] == {"max_upload_mb": 10, "max_image_mp": 50}
+    for path in ("/docs", "/redoc", "/openapi.json", "/info"):
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{server['port']}{path}", timeout=10)
+        assert missing.value.code == 404, path
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "serve.yaml"), {"ckpt_path": tiny_run["ckpt"], "docs": True})
+    routes = {getattr(r, "path", None) for r in build_server(cfg).app.routes}
+    assert {"/docs", "/redoc", "/openapi.json", "/predict", "/metadata"} <= routes and "/info" not in routes
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -304,6 +455,9 @@ def test_the_model_card_keeps_odd_class_names_as_text():
         ({"log_level": "loud"}, "log_level='loud': choose one of"),
         ({"max_upload_mb": -1}, "max_upload_mb must be a positive number"),
         ({"accelerator": "tpu"}, "choose auto, cpu or cuda"),
+        ({"max_image_mp": 0}, "max_image_mp must be a positive number"),
+        ({"body_timeout_s": "soon"}, "body_timeout_s must be a positive number"),
+        ({"docs": "yes"}, "docs must be true or false"),
     ],
 )
 def test_server_settings_are_checked_before_anything_starts(override, message):
@@ -313,6 +467,7 @@ def test_server_settings_are_checked_before_anything_starts(override, message):
     from src.utils.errors import ConfigError
 
     settings = {"host": "127.0.0.1", "port": 8000, "log_level": "info", "max_upload_mb": 10}
-    settings |= {"request_timeout_s": 30, "accelerator": "auto", **override}
+    settings |= {"request_timeout_s": 30, "accelerator": "auto", "max_image_mp": 50, "body_timeout_s": 60}
+    settings |= {"docs": False, **override}
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_settings(OmegaConf.create(settings))

@@ -188,3 +188,30 @@ def test_stream_items(tiny_shards: str) -> None:
     from litdata import StreamingDataset
 
     assert compat.stream_items(StreamingDataset(tiny_shards)) == 12
+
+
+def test_reading_request_handler() -> None:
+    """LitServe's handler calls the reader given for every request before anything else (it reads the request
+    with the private _prepare_request); what the reader refuses reaches the client as it is."""
+    import asyncio
+
+    import litserve as ls
+    from fastapi import HTTPException
+
+    class Echo(ls.LitAPI):
+        def setup(self, device: str) -> None: ...
+
+        def predict(self, x: object) -> object:
+            return x
+
+    seen = []
+
+    async def read(request: object) -> dict:
+        seen.append(request)
+        raise HTTPException(418, "refused by the reader")
+
+    api = Echo()
+    handler, authorize = compat.reading_request_handler(api, ls.LitServer(api, accelerator="cpu"), read)
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(handler.handle_request("the request", object))
+    assert seen == ["the request"] and refused.value.status_code == 418 and callable(authorize)

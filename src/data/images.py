@@ -8,8 +8,10 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-# 16- and 32-bit greyscale modes: PIL's convert() clips them to 255 instead of scaling
-_WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# 16- and 32-bit greyscale modes (PIL's convert() clips them to 255 instead of scaling) and their full-scale values:
+# the first at or above the image's largest value scales it to 0..255, else the last (a 32-bit "I" image holding
+# 8-bit values is 8-bit). src.export writes this table into export.json for clients without torch.
+WIDE_GREYSCALE = {"I;16": (65535,), "I;16B": (65535,), "I;16L": (65535,), "I;16N": (65535,), "I": (255, 65535)}
 # The eval transform resizes the short side (e.g. to 256): a 1×30,000-px strip of a few hundred bytes would
 # become 256×7.7 M pixels (9 GB). Photos, scans and panoramas stay well inside 25:1.
 MAX_ASPECT_RATIO = 25
@@ -17,6 +19,10 @@ MAX_ASPECT_RATIO = 25
 
 class ImageShapeError(ValueError):
     """An image with an empty side or too elongated to preprocess."""
+
+
+class ImageTooLargeError(ImageShapeError):
+    """An image whose decoding would produce more pixels than the caller's budget (``max_pixels``)."""
 
 
 def check_shape(size: tuple[int, int]) -> None:
@@ -32,19 +38,40 @@ def check_shape(size: tuple[int, int]) -> None:
         )
 
 
-def load_rgb(path: str | os.PathLike | BinaryIO, min_side: int | None = None) -> Image.Image:
+def check_pixels(size: tuple[int, int], max_pixels: int, decoded: tuple[int, int] | None = None) -> None:
+    """Refuse an image whose decoding would produce more than ``max_pixels`` pixels: ``size`` from its header,
+    ``decoded`` the size it is decoded at when smaller (a JPEG in draft mode). A 13000×13000 greyscale PNG is
+    190 KB and below PIL's decompression-bomb limit, yet takes seconds and gigabytes to decode."""
+    width, height = decoded or size
+    if width * height > max_pixels:
+        at = f", decoded at {width}×{height}" if decoded and decoded != size else ""
+        raise ImageTooLargeError(
+            f"the image is {size[0]}×{size[1]} px{at}: {width * height / 1e6:.1f} megapixels, over the limit of "
+            f"{max_pixels / 1e6:g} megapixels"
+        )
+
+
+def load_rgb(
+    path: str | os.PathLike | BinaryIO, min_side: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Open ``path`` (or a binary file object), apply its EXIF orientation and convert it to RGB (grey,
     palette, alpha, CMYK, 16-bit).
 
     ``min_side``: a JPEG at least twice that large on its short side is decoded at a reduced scale (PIL's
     draft mode: 1/2, 1/4 or 1/8 in the DCT) that keeps its short side >= ``min_side``. The transforms
     resize far below that anyway, so only resampling noise changes, at a fraction of the decoding time.
+
+    ``max_pixels``: refuse (``ImageTooLargeError``), from the header and before decoding, an image that would
+    decode to more pixels; a JPEG counts the pixels of its reduced scale (what decoding it costs). None: no limit.
     """
     with Image.open(path) as img:
         check_shape(img.size)
+        size = img.size
         if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
             scale = min_side / min(img.size)
             img.draft("RGB", (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))))
+        if max_pixels is not None:
+            check_pixels(size, max_pixels, img.size)
         img = ImageOps.exif_transpose(img)  # a fully loaded copy, rotated as the camera meant it
         return to_rgb(img)
 
@@ -60,9 +87,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Convert a PIL image of any mode to RGB, scaling wide greyscale instead of clipping it."""
     if img.mode == "RGB":
         return img
-    if img.mode in _WIDE_MODES:
+    if img.mode in WIDE_GREYSCALE:
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode != "I" or arr.max(initial=0) > 255 else 255.0
+        fulls = WIDE_GREYSCALE[img.mode]
+        top = float(next((f for f in fulls if f >= arr.max(initial=0)), fulls[-1]))
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # palette transparency must go through RGBA to convert cleanly

@@ -34,16 +34,22 @@ class Classifier:
     trained: TrainedModel
     device: torch.device
     decode_min_side: int | None = 512  # JPEG draft decoding, as in training (conf/data/imagefolder.yaml)
+    max_pixels: int | None = None  # image files decoding to more are refused from their header (src.serve sets it)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, device: str | torch.device = "auto", decode_min_side: int | None = 512
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "auto",
+        decode_min_side: int | None = 512,
+        max_pixels: int | None = None,
     ) -> Classifier:
-        """Load ``path`` (checked before anything in it is used); ``device`` ``auto``: the GPU when there is one."""
+        """Load ``path`` (checked before anything in it is used); ``device`` ``auto``: the GPU when there is one.
+        ``max_pixels``: refuse image files that would decode to more pixels (``ImageTooLargeError``)."""
         from src.utils.cli import pick_device
 
         target = pick_device(device) if isinstance(device, str) else device
-        return cls(load_trained(path, target), target, decode_min_side)
+        return cls(load_trained(path, target), target, decode_min_side, max_pixels)
 
     @property
     def classes(self) -> list[str]:
@@ -55,12 +61,12 @@ class Classifier:
 
     def image(self, item: Item) -> Image.Image:
         """An RGB image from a path, a binary file object or a PIL image, prepared the same way each time
-        (``load_rgb``: EXIF orientation, wide greyscale scaled, shape checked)."""
+        (``load_rgb``: EXIF orientation, wide greyscale scaled, shape and ``max_pixels`` checked)."""
         if isinstance(item, Image.Image):
             return pil_rgb(item)
         if not isinstance(item, str | os.PathLike | io.IOBase):
             raise TypeError(f"Classifier.predict takes image paths, files and PIL images, got {type(item).__name__}.")
-        return load_rgb(item, self.decode_min_side)
+        return load_rgb(item, self.decode_min_side, self.max_pixels)
 
     def tensor(self, item: Item) -> torch.Tensor:
         """The preprocessed 3×H×W tensor of one item, as the checkpoint's run prepared its val images."""

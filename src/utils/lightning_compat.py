@@ -1,4 +1,5 @@
-"""Every private attribute of Lightning, LitData, torchmetrics and Hydra this project touches, one small function each.
+"""Every private attribute of Lightning, LitData, LitServe, torchmetrics and Hydra this project touches, one small
+function each.
 
 Each function says why no public API does the job. tests/test_lightning_compat.py exercises every one of
 them against the installed versions, so an upgrade that renames or removes one fails there, loudly, instead
@@ -7,6 +8,7 @@ of silently changing a resume or a SIGTERM save.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -135,3 +137,19 @@ def stream_items(dataset: Any) -> int:
     ``len()`` is this rank's share under DDP; the items per chunk the dataset reads (after ``subsample``) are
     only in its ``region_of_interest``."""
     return sum(end - start for start, end in dataset.region_of_interest)
+
+
+def reading_request_handler(api: Any, server: Any, read: Callable[[Any], Awaitable[Any]]) -> Any:
+    """LitServe's handler of a (non-streaming) endpoint whose request is read by ``read(request)`` -> the payload
+    ``decode_request`` gets, and an ``authorize`` dependency for its route (LitServe's own, or none).
+
+    LitServe reads a request with the private ``RegularRequestHandler._prepare_request`` (``request.form()`` with
+    no limits, no timeout: a malformed form is a 500 with a traceback, a slow body waits forever) and offers no
+    public way to read it otherwise before the request joins a batch."""
+    from litserve.server import RegularRequestHandler
+
+    class Handler(RegularRequestHandler):
+        async def _prepare_request(self, request: Any, request_type: Any) -> Any:
+            return await read(request)
+
+    return Handler(api, server), server.setup_auth(api)

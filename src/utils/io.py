@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         with os.fdopen(fd, mode, **({} if "b" in mode else TEXT_OPTIONS)) as f:
             write(f)
             f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, UserError) and is_disk_full(err, path.parent):
+            raise DiskFullError(path.parent, f"writing {path.name}") from None
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``atomic_write`` for writers that take a file name, not a file object (torch.onnx.export,
+    torch.export.save): yields a temp name beside ``path`` (same suffix, for writers that check it); when the
+    block ends without an error, the file there is fsynced and renamed over ``path``, else removed.
+
+    ``path`` is thus never a half-written file: a kill mid-write leaves the old file (or none) and a hidden
+    ``.<name>.*.tmp<suffix>`` beside it. Permissions and a full disk as in ``atomic_write``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # the writer may have kept mkstemp's 0600
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
